@@ -84,6 +84,7 @@ class KVCache:
         self.length += self._pending
         self._pending = 0
 
+    @torch.inference_mode()
     def keep(self, start: int, indices: Sequence[int]) -> None:
         """Compact: slots start + indices[j] move to start + j; the length becomes start + len(indices)."""
         idx = torch.as_tensor(list(indices), dtype=torch.long) + start
@@ -97,6 +98,26 @@ class KVCache:
 
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)
+
+
+def attention_mask(t: int, past: int, prefix_len: int | None, tree_mask: torch.Tensor | None) -> torch.Tensor:
+    """Boolean attention mask [1, 1, T, past + T] for T new tokens after `past` cached ones.
+
+    Without a tree mask the new tokens are causal over everything. With one ([T, E] over the draft
+    region), the prefix [0, prefix_len) is fully visible and the draft region follows the tree.
+    """
+    if tree_mask is None:
+        cols = torch.arange(past + t)
+        rows = torch.arange(t).unsqueeze(1) + past
+        return (cols <= rows)[None, None]
+    e = tree_mask.shape[1]
+    if prefix_len is None or prefix_len + e != past + t:
+        raise StageError(
+            f"segment does not fit the cache: prefix {prefix_len} + mask width {e} != cache {past} + {t} new"
+        )
+    mask = torch.ones(t, past + t, dtype=torch.bool)
+    mask[:, prefix_len:] = tree_mask
+    return mask[None, None]
 
 
 @dataclass(frozen=True)
@@ -134,7 +155,7 @@ class StageModule(nn.Module):
         """
         t = positions.shape[0]
         past = self.cache.length
-        mask = self._attention_mask(t, past, prefix_len, tree_mask)  # [1, 1, T, past + T]
+        mask = attention_mask(t, past, prefix_len, tree_mask)  # [1, 1, T, past + T]
         hidden = self.embed(x) if self.spec.first else x.to(self.dtype)
         hidden = hidden.unsqueeze(0)  # [1, T, hidden]
         cos_sin = self.rotary(hidden, positions.unsqueeze(0))
@@ -146,20 +167,6 @@ class StageModule(nn.Module):
         if self.spec.last:
             hidden = self.norm(hidden)
         return hidden[0]
-
-    def _attention_mask(self, t: int, past: int, prefix_len: int | None, tree_mask: torch.Tensor | None):
-        if tree_mask is None:
-            cols = torch.arange(past + t)
-            rows = torch.arange(t).unsqueeze(1) + past
-            return (cols <= rows)[None, None]
-        e = tree_mask.shape[1]
-        if prefix_len is None or prefix_len + e != past + t:
-            raise StageError(
-                f"segment does not fit the cache: prefix {prefix_len} + mask width {e} != cache {past} + {t} new"
-            )
-        mask = torch.ones(t, past + t, dtype=torch.bool)
-        mask[:, prefix_len:] = tree_mask
-        return mask[None, None]
 
     def reset(self) -> None:
         self.cache.length = 0

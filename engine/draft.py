@@ -1,0 +1,290 @@
+"""Drafters: what proposes the draft tree at the coordinator. All share one interface.
+
+A drafter follows the request's *known tokens*: the prompt, then every token the target has
+confirmed, ending with the current root. `extend(tokens, features)` appends newly known tokens and
+the target's post-norm features of tokens before the root (a draft head pairs feature f_t with
+token x_{t+1}, as EAGLE-1 does). `draft(...)` returns a tree rooted at the last known token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from engine.stage import DTYPES, Head, KVCache, attention_mask, load_head, load_stage, model_config
+from engine.tree import Order, TokenTree, build_tree, from_parents
+
+logger = logging.getLogger(__name__)
+
+
+class DraftError(ValueError):
+    """A drafter cannot serve this target (vocabulary, hidden size, missing files)."""
+
+
+class Drafter(Protocol):
+    name: str
+
+    def reset(self) -> None: ...
+
+    def extend(self, tokens: list[int], features: torch.Tensor | None) -> None: ...
+
+    def draft(self, *, topk: int, depth: int, budget: int, order: Order) -> TokenTree: ...
+
+
+class _TreeRows:
+    """Ancestor bookkeeping for the rows a drafter appends while building one tree."""
+
+    def __init__(self) -> None:
+        self.anc = np.zeros((0, 0), dtype=bool)
+
+    def add(self, parent_rows: np.ndarray) -> torch.Tensor:
+        """Append rows with the given parents (-1 = root); return their mask [k, rows so far] bool."""
+        n, k = self.anc.shape[0], parent_rows.shape[0]
+        anc = np.zeros((n + k, n + k), dtype=bool)
+        anc[:n, :n] = self.anc
+        for j, p in enumerate(parent_rows):
+            if p >= 0:
+                anc[n + j, :n] = self.anc[p, :n]
+            anc[n + j, n + j] = True
+        self.anc = anc
+        return torch.from_numpy(anc[n:].copy())
+
+    def depth(self, rows: np.ndarray) -> np.ndarray:
+        return self.anc[rows].sum(axis=1)
+
+
+class EagleHead(nn.Module):
+    """EAGLE-1 draft head: fc over [token embedding, feature] plus one decoder layer without input norm."""
+
+    def __init__(self, config: LlamaConfig, bias: bool = True) -> None:
+        super().__init__()
+        config._attn_implementation = "sdpa"
+        self.config = config
+        self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=bias)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(config, 0)])
+        self.layers[0].input_layernorm = nn.Identity()
+        self.rotary = LlamaRotaryEmbedding(config=config)
+
+    def forward(self, embeds: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
+                cache: KVCache | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """embeds, features: [T, hidden] -> predicted next features [T, hidden]."""
+        hidden = self.fc(torch.cat((embeds, features), dim=-1)).unsqueeze(0)  # [1, T, hidden]
+        cos_sin = self.rotary(hidden, positions.unsqueeze(0))
+        kwargs = {"position_embeddings": cos_sin, "attention_mask": mask}
+        if cache is not None:
+            cache.reserve(hidden.shape[1])
+            kwargs["cache" if "cache" in _layer_params() else "past_key_values"] = cache
+        out = self.layers[0](hidden, **kwargs)
+        if cache is not None:
+            cache.commit_write()
+        return out[0]
+
+
+def _layer_params() -> set[str]:
+    import inspect
+
+    return set(inspect.signature(LlamaDecoderLayer.forward).parameters)
+
+
+def load_eagle_head(path: Path, dtype: torch.dtype) -> EagleHead:
+    """Load a head directory (config.json + model.safetensors or pytorch-style EAGLE-1 key layout)."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise DraftError(f"{path} is not a draft head: config.json is missing")
+    raw = json.loads(cfg_file.read_text())
+    config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "flowspec")})
+    config.num_hidden_layers = 1
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise DraftError(f"{path} has no .safetensors weights for the draft head")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    state = {k.removeprefix("model."): v for k, v in state.items() if "embed_tokens" not in k and "lm_head" not in k}
+    head = EagleHead(config, bias="fc.bias" in state)
+    missing, unexpected = head.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("rotary")]
+    if missing or unexpected:
+        raise DraftError(f"{path}: draft head weights do not match the EAGLE-1 layout "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return head.to(dtype).eval()
+
+
+class HeadDrafter:
+    """Draft head (EAGLE-1 layout) using the target's embedding and LM head."""
+
+    name = "head"
+
+    def __init__(self, head: EagleHead, target: Head) -> None:
+        if head.config.hidden_size != target.embed.shape[1]:
+            raise DraftError(f"draft head hidden size {head.config.hidden_size} != target's {target.embed.shape[1]}")
+        self.head, self.target = head, target
+        cfg = head.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        dtype = next(head.parameters()).dtype
+        self.cache = KVCache([0], cfg.num_key_value_heads, head_dim, dtype)
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens: list[int] = []
+        self.features: list[torch.Tensor] = []
+        self.n_pairs = 0
+        self.cache.length = 0
+        self._last: torch.Tensor | None = None
+
+    def extend(self, tokens: list[int], features: torch.Tensor | None) -> None:
+        self.tokens.extend(int(t) for t in tokens)
+        if features is not None and features.shape[0]:
+            self.features.extend(features.to(self.cache.keys.dtype))
+
+    @torch.inference_mode()
+    def draft(self, *, topk: int, depth: int, budget: int, order: Order) -> TokenTree:
+        n_new = len(self.tokens) - 1 - self.n_pairs
+        if n_new > 0:
+            if len(self.features) < self.n_pairs + n_new:
+                raise DraftError("draft head is missing target features for known tokens")
+            toks = torch.tensor(self.tokens[self.n_pairs + 1 : self.n_pairs + 1 + n_new])
+            feats = torch.stack(self.features[self.n_pairs : self.n_pairs + n_new])
+            pos = torch.arange(self.n_pairs, self.n_pairs + n_new)
+            mask = attention_mask(n_new, self.cache.length, None, None)
+            out = self.head(self.target.embed[toks], feats, pos, self.cache, mask)
+            self.n_pairs += n_new
+            self._last = out[-1]
+        if self._last is None:
+            raise DraftError("draft head has no context yet")
+        committed = self.cache.length
+        rows = _TreeRows()
+        outputs: list[torch.Tensor] = []
+
+        def step(tokens: np.ndarray, parent_rows: np.ndarray) -> np.ndarray:
+            feats = torch.stack([self._last if p < 0 else outputs[p] for p in parent_rows])
+            tree_mask = rows.add(parent_rows)
+            depth_ = torch.from_numpy(rows.depth(np.arange(len(outputs), len(outputs) + len(tokens))))
+            pos = committed - 1 + depth_
+            mask = attention_mask(len(tokens), self.cache.length, committed, tree_mask)
+            out = self.head(self.target.embed[torch.from_numpy(tokens)], feats, pos, self.cache, mask)
+            outputs.extend(out)
+            return torch.log_softmax(self.target.logits(out), dim=-1).numpy()
+
+        root_lp = torch.log_softmax(self.target.logits(self._last[None]), dim=-1)[0].numpy()
+        try:
+            return build_tree(self.tokens[-1], root_lp, step, topk=topk, depth=depth, budget=budget, order=order)
+        finally:
+            self.cache.truncate(committed)
+
+
+class ModelDrafter:
+    """A smaller causal LM with the target's tokenizer, with its own tree-masked KV cache."""
+
+    name = "model"
+
+    def __init__(self, ref: str, dtype: str, target_vocab: int) -> None:
+        cfg = model_config(ref)
+        if cfg.vocab_size != target_vocab:
+            raise DraftError(f"draft model vocabulary {cfg.vocab_size} != target's {target_vocab}: "
+                             "a draft model must share the target's tokenizer")
+        self.model = load_stage(ref, 0, cfg.num_hidden_layers, dtype)
+        self.head = load_head(ref, dtype)
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens: list[int] = []
+        self.model.reset()
+        self._last_logits: torch.Tensor | None = None
+
+    def extend(self, tokens: list[int], features: torch.Tensor | None) -> None:
+        self.tokens.extend(int(t) for t in tokens)
+
+    @torch.inference_mode()
+    def draft(self, *, topk: int, depth: int, budget: int, order: Order) -> TokenTree:
+        cache = self.model.cache
+        new = self.tokens[cache.length :]
+        if new:
+            pos = torch.arange(cache.length, len(self.tokens))
+            out = self.model(torch.tensor(new), pos)
+            self._last_logits = self.head.logits(out[-1:])[0]
+        committed = cache.length
+        rows = _TreeRows()
+
+        def step(tokens: np.ndarray, parent_rows: np.ndarray) -> np.ndarray:
+            first_row = rows.anc.shape[0]
+            tree_mask = rows.add(parent_rows)
+            depth_ = torch.from_numpy(rows.depth(np.arange(first_row, first_row + len(tokens))))
+            out = self.model(torch.from_numpy(tokens), committed - 1 + depth_, committed, tree_mask)
+            return torch.log_softmax(self.head.logits(out), dim=-1).numpy()
+
+        root_lp = torch.log_softmax(self._last_logits, dim=-1).numpy()
+        try:
+            return build_tree(self.tokens[-1], root_lp, step, topk=topk, depth=depth, budget=budget, order=order)
+        finally:
+            cache.truncate(committed)
+
+
+class LookupDrafter:
+    """Prompt lookup: continue the latest n-gram (n = 3, 2, 1) seen earlier in the known tokens."""
+
+    name = "lookup"
+
+    def __init__(self, max_ngram: int = 3) -> None:
+        self.max_ngram = max_ngram
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens: list[int] = []
+
+    def extend(self, tokens: list[int], features: torch.Tensor | None) -> None:
+        self.tokens.extend(int(t) for t in tokens)
+
+    def draft(self, *, topk: int, depth: int, budget: int, order: Order) -> TokenTree:
+        seq = np.asarray(self.tokens, dtype=np.int64)
+        tokens, parents, scores = [int(seq[-1])], [-1], [0.0]
+        child_of: dict[tuple[int, int], int] = {}
+        for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
+            tail = seq[-n:]
+            starts = np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(seq[:-1], n) == tail, axis=1))
+            for rank, s in enumerate(starts[::-1][:topk]):
+                parent = 0
+                for d, tok in enumerate(seq[s + n : s + n + depth]):
+                    if len(tokens) > budget:
+                        break
+                    key = (parent, int(tok))
+                    if key not in child_of:
+                        child_of[key] = len(tokens)
+                        tokens.append(int(tok))
+                        parents.append(parent)
+                        scores.append(-(d + 1) - 0.01 * rank - 0.1 * (self.max_ngram - n))
+                    parent = child_of[key]
+            if len(tokens) > 1:
+                break
+        tree = from_parents(tokens, parents, scores)
+        if order == "score" and len(tree) > 1:
+            from engine.tree import layout
+
+            return layout(tree.tokens, tree.parents, tree.scores, np.arange(len(tree)), "score")
+        return tree
+
+
+def make_drafter(spec: str | None, target_ref: str, target: Head, dtype: str) -> Drafter:
+    """`lookup`, `head:PATH`, or a model reference for a draft model; None picks the default."""
+    vocab = target.lm_head.shape[0]
+    if spec is None or spec == "lookup":
+        return LookupDrafter()
+    if spec.startswith("head:"):
+        head = load_eagle_head(Path(spec[5:]), DTYPES[dtype])
+        return HeadDrafter(head, target)
+    try:
+        return ModelDrafter(spec, dtype, vocab)
+    except DraftError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise DraftError(f"cannot use '{spec}' as a drafter: {exc}") from exc
