@@ -26,6 +26,7 @@ class SpeculationConfig:
     ring_slots: int | None = None  # segments kept in flight; None = stages + 1
     max_tree: int = 512  # nodes a tree may grow to by expansion
     pipedec_width: int = 16
+    expand: bool = True  # flowspec: re-draft after each acceptance and refill emptied slots
 
     def __post_init__(self) -> None:
         for name in ("topk", "depth", "segment_max", "expand_segment_max", "max_tree", "pipedec_width"):

@@ -23,7 +23,7 @@ import itertools
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 import numpy as np
@@ -106,6 +106,8 @@ class Coordinator:
                  eos_ids: set[int], on_tokens: Callable[[list[int]], None] | None = None) -> None:
         self.ring, self.head, self.drafter, self.config = ring, head, drafter, config
         self.policy = POLICIES[config.strategy]
+        if not config.speculation.expand:
+            self.policy = replace(self.policy, expand=False)
         self.spec = config.speculation
         self.slots = self.spec.ring_slots or ring.n_stages + 1
         if config.strategy == "ar":
