@@ -120,6 +120,8 @@ def cmd_generate(args) -> int:
             "turns": result.turns,
             "stage_busy": [round(b, 3) for b in result.stage_busy],
             "stopped_by": result.stopped_by,
+            "coordinator_ms_per_turn": round(1000 * result.coordinator_s / max(result.turns, 1), 3),
+            "draft_ms_per_turn": round(1000 * result.draft_s / max(result.turns, 1), 3),
             "strategy": args.strategy,
             "stages": len(engine.bounds),
             "layers": [list(b) for b in engine.bounds],

@@ -93,6 +93,8 @@ class Result:
     accepted_lengths: list[int] = field(default_factory=list)
     stage_busy: list[float] = field(default_factory=list)
     stopped_by: str = "max_new_tokens"
+    coordinator_s: float = 0.0  # D0's own work (verify, prune, draft, send), no stage forwards
+    draft_s: float = 0.0  # of which drafting
 
     @property
     def mean_accepted_length(self) -> float:
@@ -139,6 +141,7 @@ class Coordinator:
         self.t0 = time.perf_counter()
         self.ttft = 0.0
         self.stopped_by = "max_new_tokens"
+        self.coordinator_s = self.draft_s = 0.0
         self.done = False
         self.drafter.reset()
         self.drafter.extend(list(prompt_ids), None)
@@ -158,15 +161,21 @@ class Coordinator:
         item = self.ring.recv(self.config.stage_timeout_s)
         if item is None:
             raise StageLost(f"no reply from the pipeline for {self.config.stage_timeout_s:.0f} s")
-        msg, tensors = item
+        t0 = time.perf_counter()
+        try:
+            self._handle(*item)
+        finally:
+            self.coordinator_s += time.perf_counter() - t0
+        return not self.done
+
+    def _handle(self, msg: object, tensors: list[torch.Tensor]) -> None:
         if not isinstance(msg, Segment) or msg.request_id != self._request_id:
-            return True
+            return
         self.stats["turns"] += 1
         if self.prefill_left:
             self._on_prefill(tensors[0])
         else:
             self._on_segment(msg, tensors[0])
-        return not self.done
 
     def generate(self, prompt_ids: list[int]) -> Result:
         self.start(prompt_ids)
@@ -179,7 +188,8 @@ class Coordinator:
         busy = [b - b0 for b, b0 in zip(self.ring.stage_busy_s(), self.busy0)]
         return Result(list(self.out), self.prompt_len, seconds, self.ttft, self.stats["verifications"],
                       self.stats["rounds"], self.stats["turns"], list(self.accepted_lengths),
-                      [b / seconds if seconds > 0 else 0.0 for b in busy], self.stopped_by)
+                      [b / seconds if seconds > 0 else 0.0 for b in busy], self.stopped_by,
+                      self.coordinator_s, self.draft_s)
 
     # --- prefill
 
@@ -283,7 +293,10 @@ class Coordinator:
         self._refill()
 
     def _draft(self, budget: int, depth: int, topk: int) -> TokenTree:
-        return self.drafter.draft(topk=topk, depth=depth, budget=budget, order=self.policy.order)
+        t0 = time.perf_counter()
+        tree = self.drafter.draft(topk=topk, depth=depth, budget=budget, order=self.policy.order)
+        self.draft_s += time.perf_counter() - t0
+        return tree
 
     def _expand(self, extra: int) -> bool:
         """Re-draft from the current root and append new nodes; False when nothing new came.
