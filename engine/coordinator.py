@@ -252,8 +252,9 @@ class Coordinator:
         self.stats["verifications"] += 1
         path = np.asarray(acc.path)
         new_tokens = [int(t) for t in self.tree.tokens[path[1:]]] + [acc.bonus_token]
-        self.accepted_lengths.append(len(new_tokens))
+        n_out = len(self.out)
         going = self._emit(new_tokens)
+        self.accepted_lengths.append(len(self.out) - n_out)  # tokens past EOS or the limit do not count
         self.drafter.extend(new_tokens, hidden[torch.from_numpy(path)])
         survivors = self.tree.subtree(acc.next_node) if (going and acc.next_node is not None) else np.zeros(0, np.int64)
         keep = np.concatenate((path, survivors))

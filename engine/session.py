@@ -48,7 +48,7 @@ class EngineSpec:
     bounds: tuple[tuple[int, int], ...] | None = None  # None = even split over n_stages
     n_stages: int = 1
     dtype: str = "bf16"
-    draft: str | None = None  # None: the default drafter for the model
+    draft: str | None = None  # None: a matching installed draft head, else prompt lookup
     link: LinkConfig = LinkConfig()
     in_process: bool = False  # stages as objects in this process instead of worker processes
 
@@ -88,8 +88,16 @@ class Engine:
             self.ring = ProcessRing(str(path), self.bounds, spec.dtype, spec.link, on_progress=progress)
 
     def _drafter(self, draft: str | None, path: Path) -> Drafter:
+        """`draft` as given; None picks a draft head distilled for this target (user heads first,
+        then the shipped ones, see engine/heads.py), else prompt lookup."""
         if draft is None:
-            return LookupDrafter()
+            from engine.heads import pick_head
+
+            head_dir = pick_head(path)
+            if head_dir is None:
+                return LookupDrafter()
+            logger.info("draft head %s matches %s", head_dir, path)
+            draft = f"head:{head_dir}"
         return make_drafter(draft, str(path), self.head, self.spec.dtype)
 
     def encode(self, prompt: str | Messages, raw: bool = False) -> list[int]:
