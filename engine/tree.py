@@ -158,7 +158,14 @@ def build_tree(root_token: int, root_logprobs: np.ndarray, step: StepFn, *, topk
 
 def _topk(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
     """Top-k (token, log-prob) pairs, ties broken by lower token id."""
-    idx = np.argpartition(-logprobs, k - 1)[:k] if k < logprobs.shape[0] else np.arange(logprobs.shape[0])
+    if k < logprobs.shape[0]:
+        # argpartition picks an arbitrary subset of the entries tied with the k-th largest; take the
+        # lowest token ids among them so the tie-break holds at the boundary too.
+        kth = -np.partition(-logprobs, k - 1)[k - 1]
+        above = np.flatnonzero(logprobs > kth)
+        idx = np.concatenate((above, np.flatnonzero(logprobs == kth)[: k - above.size]))
+    else:
+        idx = np.arange(logprobs.shape[0])
     idx = idx[np.lexsort((idx, -logprobs[idx]))]
     return [(int(i), float(logprobs[i])) for i in idx]
 
