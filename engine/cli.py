@@ -1,4 +1,4 @@
-"""`flowspec`: the engine without a window (generate, check, models).
+"""`flowspec`: the engine without a window (generate, check, distill, models).
 
 Every user error becomes one line on stderr that names the problem and the fix, and exit code 2.
 """
@@ -21,7 +21,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="built-in name, HF directory, .gguf file or cached repo id")
-    p.add_argument("--draft", default=None, help="lookup | head:PATH | a draft model reference (default: lookup)")
+    p.add_argument("--draft", default=None, help="lookup | head:PATH | a draft model reference "
+                   "(default: a draft head distilled for this model if one is installed, else lookup)")
     p.add_argument("--stages", type=int, default=1, help="number of local stage worker processes")
     p.add_argument("--layout", default=None, help="layout file (TOML) naming each stage's device and layers")
     p.add_argument("--in-process", action="store_true", help="run the stages inside this process (no ZeroMQ)")
@@ -56,8 +57,34 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--prompts", default="check", help="a prompt set name or a .jsonl file")
     chk.add_argument("--strategies", default=",".join(STRATEGIES))
     chk.add_argument("--max-new-tokens", type=int, default=48)
-    sub.add_parser("models", help="list the models available on this machine")
+    sub.add_parser("models", help="list the models and draft heads available on this machine")
+    _add_distill_parser(sub)
     return parser
+
+
+def _add_distill_parser(sub) -> None:
+    dis = sub.add_parser("distill", help="train a draft head on the target's own answers (or --eval one)",
+                         description="Self-distill an EAGLE-1 draft head for --model: generate answers, record the "
+                         "target's features, train. With --eval DIR, measure an existing head on held-out prompts.")
+    dis.add_argument("--model", default="smollm2-135m", help="the target (any model reference)")
+    dis.add_argument("--out", default=None, help="head directory to write (default: the user's draft-heads "
+                     "folder, where the engine finds it automatically)")
+    dis.add_argument("--tokens", type=int, default=400_000, help="tokens of training data to generate (prompts included)")
+    dis.add_argument("--epochs", type=int, default=4, help="most passes over the data")
+    dis.add_argument("--seed", type=int, default=0)
+    dis.add_argument("--minutes", type=float, default=None,
+                     help="wall-clock budget for the whole run: generation stops at 55%% of it and training is "
+                     "sized to fit the rest (runs are then not bit-reproducible)")
+    dis.add_argument("--resume", action="store_true", help="continue an interrupted run from its work directory")
+    dis.add_argument("--work", default=None, help="work directory for data and checkpoints (default: OUT/work)")
+    dis.add_argument("--keep-work", action="store_true", help="keep the generated data and checkpoints afterwards")
+    dis.add_argument("--batch-size", type=int, default=32, help="generation batch size")
+    dis.add_argument("--max-new-tokens", type=int, default=256, help="longest generated answer")
+    dis.add_argument("--eval", default=None, metavar="DIR",
+                     help="evaluate the head in DIR instead of training: mean accepted length vs prompt lookup and top-1")
+    dis.add_argument("--eval-prompts", default="heldout", help="prompt set or .jsonl file for --eval")
+    dis.add_argument("--eval-max-new-tokens", type=int, default=128)
+    dis.add_argument("--json", action="store_true", help="--eval: print the report as JSON")
 
 
 def engine_spec(args):
@@ -153,6 +180,67 @@ def cmd_models(args) -> int:
         state = "ready" if m.ready else "converts on first use"
         print(f"{m.ref:<40} {m.arch:<8} {m.n_layers:>6} {m.hidden_size:>6} {m.vocab_size:>7} "
               f"{m.n_params / 1e6:>7.1f}M {m.size_bytes / 2**20:>7.1f}MB  {state}")
+    _print_heads(rows)
+    return 0
+
+
+def _print_heads(rows) -> None:
+    """Draft heads found (engine/heads.py) and the listed models each one matches."""
+    from engine.heads import find_heads, target_fingerprint
+
+    heads = find_heads()
+    print(f"\nDraft heads ({len(heads)}):" if heads else "\nNo draft heads installed (flowspec distill makes one).")
+    fingerprints = {}
+    for m in rows:
+        if m.ready and any(h.hidden_size == m.hidden_size for h in heads):
+            try:
+                fingerprints[m.ref] = target_fingerprint(m.path)
+            except (ValueError, OSError) as error:  # a listed model with unreadable weights matches no head
+                logger.debug("no fingerprint for %s: %s", m.ref, error)
+    for h in heads:
+        target = h.target
+        trained_for = f"{target.get('name')} ({target.get('ref')})" if target else "unknown (no flowspec metadata)"
+        matches = [ref for ref, fp in fingerprints.items() if target and fp == target.get("weights_sha256")]
+        top1 = (h.flowspec or {}).get("training", {}).get("val_top1")
+        print(f"  {h.source:<8} {h.path}\n           trained for {trained_for}, hidden {h.hidden_size}"
+              f"{f', validation top-1 {top1[0]}' if top1 else ''}; "
+              f"used by default for: {', '.join(matches) if matches else 'no listed model'}")
+
+
+def _default_head_dir(model: str):
+    from pathlib import Path
+
+    from engine.heads import user_heads_dir
+
+    name = Path(model.rstrip("/")).name.removesuffix(".gguf") or "head"
+    return user_heads_dir() / name
+
+
+def cmd_distill(args) -> int:
+    from pathlib import Path
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr)
+
+    if args.eval:
+        from engine.distill_eval import evaluate_head, format_report
+
+        report = evaluate_head(args.model, Path(args.eval), args.eval_prompts, args.eval_max_new_tokens, say)
+        print(json.dumps(report, indent=1) if args.json else format_report(report))
+        return 0
+    from engine.distill import DistillConfig, run_distill
+
+    for name in ("tokens", "epochs", "batch_size", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if args.minutes is not None and args.minutes <= 0:
+        raise ConfigError(f"--minutes must be positive (got {args.minutes})")
+    out = Path(args.out) if args.out else _default_head_dir(args.model)
+    config = DistillConfig(model=args.model, out=out, tokens=args.tokens, epochs=args.epochs, seed=args.seed,
+                           minutes=args.minutes, work=Path(args.work) if args.work else None, keep_work=args.keep_work,
+                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    run_distill(config, resume=args.resume, progress=say)
+    say(f"draft head written to {out}; use it with --draft head:{out}")
     return 0
 
 
@@ -169,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    commands = {"generate": cmd_generate, "models": cmd_models, "check": cmd_check}
+    commands = {"generate": cmd_generate, "models": cmd_models, "check": cmd_check, "distill": cmd_distill}
     t0 = time.perf_counter()
     try:
         return commands[args.command](args)

@@ -95,18 +95,33 @@ def _layer_params() -> set[str]:
     return set(inspect.signature(LlamaDecoderLayer.forward).parameters)
 
 
-def load_eagle_head(path: Path, dtype: torch.dtype) -> EagleHead:
-    """Load a head directory (config.json + model.safetensors or pytorch-style EAGLE-1 key layout)."""
+def load_eagle_head(path: Path, dtype: torch.dtype, target_dir: Path | None = None) -> EagleHead:
+    """Load a head directory (config.json + *.safetensors in the EAGLE-1 key layout).
+
+    With `target_dir` (the target's model directory) the head must fit that target: flowspec
+    metadata is checked for hidden size, vocabulary and weight fingerprint (engine/heads.py); a
+    head without metadata (an official EAGLE-1 checkpoint) for hidden size only.
+    """
+    from engine.heads import mismatch, read_head_config
+
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise DraftError(f"{path} is not a draft head: config.json is missing")
-    raw = json.loads(cfg_file.read_text())
+    try:
+        raw = read_head_config(path)
+    except ValueError as error:
+        raise DraftError(str(error)) from error
+    if target_dir is not None:
+        reason = mismatch(raw, path, Path(target_dir))
+        if reason is not None:
+            raise DraftError(reason)
     config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "flowspec")})
     config.num_hidden_layers = 1
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise DraftError(f"{path} has no .safetensors weights for the draft head")
+        pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        hint = (f"found {', '.join(pickled)}, but only safetensors weights are loaded (no pickle): convert with "
+                "`safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')`") if pickled else (
+                "expected model.safetensors with fc.* and layers.0.* tensors")
+        raise DraftError(f"{path} has no .safetensors weights for the draft head: {hint}")
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(f))
@@ -275,12 +290,15 @@ class LookupDrafter:
 
 
 def make_drafter(spec: str | None, target_ref: str, target: Head, dtype: str) -> Drafter:
-    """`lookup`, `head:PATH`, or a model reference for a draft model; None picks the default."""
+    """`lookup`, `head:PATH`, or a model reference for a draft model; None means lookup.
+
+    A head is checked against the target when `target_ref` is its model directory.
+    """
     vocab = target.lm_head.shape[0]
     if spec is None or spec == "lookup":
         return LookupDrafter()
     if spec.startswith("head:"):
-        head = load_eagle_head(Path(spec[5:]), DTYPES[dtype])
+        head = load_eagle_head(Path(spec[5:]), DTYPES[dtype], Path(target_ref) if Path(target_ref).is_dir() else None)
         return HeadDrafter(head, target)
     try:
         return ModelDrafter(spec, dtype, vocab)
