@@ -185,7 +185,158 @@ class Shutdown(_MessageBase, frozen=True):
     """Stop serving and exit cleanly."""
 
 
-Message = Segment | Prune | Reset | LoadStage | StageReady | StageFailed | Shutdown
+# --- Agents: control messages between a client (app or CLI) and `flowspec-agent`, over CurveZMQ.
+# Pairing socket: PairRequest -> PairAccepted. Control socket: Hello/StatusQuery -> Capabilities;
+# Profile -> ProfileResult; HostStage -> LoadProgress* [WeightsNeeded, WeightChunk*] StageReady |
+# StageFailed; Unload -> Capabilities; Heartbeat both ways; Shutdown; CommandFailed for refusals.
+
+MAX_CHUNK_BYTES = 512 * 1024  # weight bytes per WeightChunk; the header carries them (MAX_HEADER_BYTES)
+Sha256Hex = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+ShortText = Annotated[str, msgspec.Meta(max_length=256)]
+
+
+class PairRequest(_MessageBase, frozen=True):
+    """Client -> agent on the pairing socket, whose CURVE key derives from the pairing code, so only
+    a client that knows the code gets this far. The client's key (from the handshake) becomes trusted."""
+
+    client_name: ShortText
+
+
+class PairAccepted(_MessageBase, frozen=True):
+    """Agent -> client: who the agent is; `public_key` (z85) is what the client pins from now on."""
+
+    agent_id: ShortText
+    name: ShortText
+    public_key: ShortText
+
+
+class Hello(_MessageBase, frozen=True):
+    """Client -> agent, first on a control connection; the reply is Capabilities."""
+
+    client_name: ShortText = ""
+
+
+class StatusQuery(_MessageBase, frozen=True):
+    """Client -> agent: the agent's state now; the reply is Capabilities."""
+
+
+class Capabilities(_MessageBase, frozen=True):
+    """What an agent is and has. Sizes in bytes; `memory_limit` 0 means "free memory is the limit"."""
+
+    agent_id: ShortText
+    name: ShortText
+    version: ShortText
+    public_key: ShortText
+    data_port: NonNegativeInt
+    memory_total: NonNegativeInt
+    memory_free: NonNegativeInt
+    memory_limit: NonNegativeInt
+    cpu: ShortText
+    cpu_count: NonNegativeInt
+    accelerator: ShortText
+    torch_device: ShortText
+    disk_free: NonNegativeInt
+    models: tuple[ShortText, ...] = ()
+    stage: str = ""  # what it hosts now, for people ("" when idle)
+    busy: bool = False
+
+
+class Profile(_MessageBase, frozen=True):
+    """Client -> agent: time one decoder layer of the model described by `config_json` (random
+    weights, `dtype`) at each token count; the reply is ProfileResult (cached by the agent)."""
+
+    config_json: str
+    dtype: str
+    token_counts: tuple[PositiveInt, ...]
+
+
+class ProfileResult(_MessageBase, frozen=True):
+    token_counts: tuple[PositiveInt, ...]
+    ms_per_layer: tuple[float, ...]
+    cached: bool
+
+
+class TensorEntry(msgspec.Struct, frozen=True):
+    """One tensor of a stage bundle, as stored in its safetensors file (dtype "F32", "BF16", ...)."""
+
+    name: str
+    dtype: str
+    shape: tuple[NonNegativeInt, ...]
+    nbytes: NonNegativeInt
+    sha256: Sha256Hex
+
+
+class HostStage(_MessageBase, frozen=True):
+    """Client -> agent: host layers [start, end) of `model` as stage `stage_index` of `n_stages`.
+
+    `bundle` names exactly these tensors (`tensors`, with `config_json`); an agent without them
+    answers WeightsNeeded. The stage's data socket accepts only `prev_key`; its output goes to
+    `next_endpoint`, whose CURVE server key is `next_key` (keys in z85).
+    """
+
+    model: str
+    bundle: Sha256Hex
+    start: NonNegativeInt
+    end: NonNegativeInt
+    dtype: str
+    stage_index: NonNegativeInt
+    n_stages: PositiveInt
+    next_endpoint: ShortText
+    next_key: ShortText
+    prev_key: ShortText
+    config_json: str
+    tensors: tuple[TensorEntry, ...]
+
+    def __post_init__(self) -> None:
+        if not self.start < self.end:
+            raise WireError(f"HostStage layer range [{self.start}, {self.end}) is empty")
+        if not 0 <= self.stage_index < self.n_stages:
+            raise WireError(f"HostStage stage_index {self.stage_index} is outside 0..{self.n_stages - 1}")
+
+
+class LoadProgress(_MessageBase, frozen=True):
+    """Agent -> client while preparing a stage: `done` of `total` units (bytes for "weights")."""
+
+    stage_index: NonNegativeInt
+    phase: ShortText  # "weights" | "loading"
+    done: NonNegativeInt
+    total: NonNegativeInt
+
+
+class WeightsNeeded(_MessageBase, frozen=True):
+    """Agent -> client: send the bundle's tensors; `have[i]` bytes of tensor i are already held."""
+
+    bundle: Sha256Hex
+    have: tuple[NonNegativeInt, ...]
+
+
+class WeightChunk(_MessageBase, frozen=True):
+    """Client -> agent: bytes [offset, offset + len(data)) of tensor `tensor` of `bundle`."""
+
+    bundle: Sha256Hex
+    tensor: NonNegativeInt
+    offset: NonNegativeInt
+    data: Annotated[bytes, msgspec.Meta(max_length=MAX_CHUNK_BYTES)]
+    sha256: Sha256Hex
+
+
+class Unload(_MessageBase, frozen=True):
+    """Client -> agent: stop the stage and free its memory; the reply is Capabilities."""
+
+
+class Heartbeat(_MessageBase, frozen=True):
+    """Either way on a control connection, every HEARTBEAT_INTERVAL_S while a stage is hosted."""
+
+
+class CommandFailed(_MessageBase, frozen=True):
+    """Agent -> client: a command was refused; `reason` says why and what to do."""
+
+    reason: str
+
+
+Message = (Segment | Prune | Reset | LoadStage | StageReady | StageFailed | Shutdown
+           | PairRequest | PairAccepted | Hello | StatusQuery | Capabilities | Profile | ProfileResult
+           | HostStage | LoadProgress | WeightsNeeded | WeightChunk | Unload | Heartbeat | CommandFailed)
 MESSAGE_TYPES: tuple[type[_MessageBase], ...] = get_args(Message)
 _MESSAGE_BY_KIND: dict[str, type[_MessageBase]] = {cls.__name__: cls for cls in MESSAGE_TYPES}
 _DECODER_BY_KIND = {kind: msgspec.msgpack.Decoder(cls) for kind, cls in _MESSAGE_BY_KIND.items()}

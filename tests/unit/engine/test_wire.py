@@ -58,6 +58,30 @@ EXAMPLES: dict[type, tuple[wire.Message, list[tuple[TensorSpec, bytes]]]] = {
     StageFailed: (StageFailed(stage_index=1, reason="out of memory: 2.1 GB free, 3 GB needed"), []),
     Shutdown: (Shutdown(), []),
 }
+_SHA = "0123456789abcdef" * 4
+_KEY = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"
+EXAMPLES.update({  # agent control messages
+    wire.PairRequest: (wire.PairRequest(client_name="desk"), []),
+    wire.PairAccepted: (wire.PairAccepted(agent_id="ag-1", name="jetson", public_key=_KEY), []),
+    wire.Hello: (wire.Hello(client_name="desk"), []),
+    wire.StatusQuery: (wire.StatusQuery(), []),
+    wire.Capabilities: (wire.Capabilities(
+        agent_id="ag-1", name="jetson", version="0.1.0", public_key=_KEY, data_port=5556, memory_total=8 << 30,
+        memory_free=6 << 30, memory_limit=0, cpu="ARM", cpu_count=6, accelerator="none", torch_device="cpu",
+        disk_free=1 << 40, models=("smollm2-135m",), stage="layers 0-14", busy=True), []),
+    wire.Profile: (wire.Profile(config_json="{}", dtype="bf16", token_counts=(1, 16)), []),
+    wire.ProfileResult: (wire.ProfileResult(token_counts=(1, 16), ms_per_layer=(0.5, 1.5), cached=False), []),
+    wire.HostStage: (wire.HostStage(
+        model="smollm2-135m", bundle=_SHA, start=0, end=2, dtype="fp32", stage_index=0, n_stages=2,
+        next_endpoint="tcp://10.0.0.2:5556", next_key=_KEY, prev_key=_KEY, config_json="{}",
+        tensors=(wire.TensorEntry("model.norm.weight", "F32", (64,), 256, _SHA),)), []),
+    wire.LoadProgress: (wire.LoadProgress(stage_index=0, phase="weights", done=10, total=20), []),
+    wire.WeightsNeeded: (wire.WeightsNeeded(bundle=_SHA, have=(0, 256)), []),
+    wire.WeightChunk: (wire.WeightChunk(bundle=_SHA, tensor=1, offset=0, data=b"\x00\x01", sha256=_SHA), []),
+    wire.Unload: (wire.Unload(), []),
+    wire.Heartbeat: (wire.Heartbeat(), []),
+    wire.CommandFailed: (wire.CommandFailed(reason="busy: hosting a stage for another client"), []),
+})
 
 
 def _valid_frames() -> list[bytes]:
