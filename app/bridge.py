@@ -57,6 +57,7 @@ class EngineBridge(QObject):
     _req_submit = Signal(str, object)
     _req_resume = Signal(object, object)
     _req_stop = Signal()
+    _req_reset = Signal()
     _req_close = Signal()
 
     def __init__(self, parent: QObject | None = None) -> None:
@@ -86,6 +87,7 @@ class EngineBridge(QObject):
         self._req_submit.connect(w.submit)
         self._req_resume.connect(w.resume)
         self._req_stop.connect(w.stop)
+        self._req_reset.connect(w.reset_conversation)
         self._req_close.connect(w.shutdown)
         self._thread.start()
 
@@ -130,3 +132,7 @@ class EngineBridge(QObject):
     def stop(self) -> None:
         """Stop the answer being generated; what was accepted so far stays."""
         self._req_stop.emit()
+
+    def reset_conversation(self) -> None:
+        """Start a new chat: the engine forgets the earlier messages."""
+        self._req_reset.emit()

@@ -149,6 +149,12 @@ class _EngineWorker(QObject):
             self._session.cancel()
 
     @Slot()
+    def reset_conversation(self) -> None:
+        self._history = []
+        if self._session is not None:
+            self._session.history = self._history
+
+    @Slot()
     def shutdown(self) -> None:
         """Close the engine (its stage processes end) and end this thread's event loop."""
         self._close_engine()

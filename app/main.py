@@ -1,0 +1,66 @@
+"""`flowspec-studio`: the desktop app. Opens the window first; the engine (torch) loads afterwards.
+
+    flowspec-studio [--local-agents N] [--model REF] [--dtype bf16|fp32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+logger = logging.getLogger("app")
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flowspec-studio", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help=f"model reference (default: the last one used, else {DEFAULT_MODEL})")
+    p.add_argument("--local-agents", type=int, default=0, metavar="N",
+                   help="start N local stage workers on this machine and load the model on them")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def build_window(args: argparse.Namespace):
+    """The main window with its bridge, not started yet (no torch is imported here)."""
+    from app.bridge import EngineBridge
+    from app.devices import local_worker_devices
+    from app.main_window import MainWindow
+    from app.settings import load_settings
+
+    settings = load_settings()
+    model = args.model or settings.model or DEFAULT_MODEL
+    n_workers = args.local_agents if args.local_agents > 0 else 2
+    devices = local_worker_devices(n_workers)
+    return MainWindow(EngineBridge(), settings, model, args.dtype, devices, auto_apply=args.local_agents > 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.local_agents < 0:
+        print("flowspec-studio: --local-agents must be 0 or more", file=sys.stderr)
+        return 2
+    t0 = time.monotonic()
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QApplication
+
+    from app.resources import resource_path
+
+    app = QApplication(sys.argv[:1])
+    app.setApplicationName("FlowSpec Studio")
+    app.setStyleSheet(resource_path("style.qss").read_text(encoding="utf-8"))
+    window = build_window(args)
+    window.show()
+    logger.info("window shown in %.2f s", time.monotonic() - t0)
+    QTimer.singleShot(0, window.start)
+    return app.exec()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
