@@ -197,14 +197,14 @@ class Agent:
         if len(frames) < 2:
             return
         route, key = frames[0].bytes, frames[1].get("User-Id")
-        if self.owner is not None and key == self.owner.key:
-            self.owner.last_seen = time.monotonic()
-            self.owner.route = route
         try:
             msg, _ = wire.decode(frames[1:])
         except wire.WireError as exc:
             logger.warning("control: dropped a malformed message from %s: %s", frames[1].get("Peer-Address"), exc)
             return
+        if self.owner is not None and key == self.owner.key and (route == self.owner.route or isinstance(msg, wire.Heartbeat)):
+            self.owner.last_seen = time.monotonic()  # the owner's connection (a heartbeat after a reconnect too)
+            self.owner.route = route
         try:
             reply = self._dispatch(msg, route, key)
         except Exception as exc:  # noqa: BLE001 - see docstring
