@@ -63,8 +63,18 @@ def migrate(data: dict) -> dict:
 
 
 def _known(cls, data: dict) -> dict:
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in data.items() if k in names}
+    """The entries of ``data`` that are fields of ``cls`` with a value of the field's type."""
+    defaults = cls()
+    kept = {}
+    for f in fields(cls):
+        if f.name not in data or f.name == "chat":
+            continue
+        value, default = data[f.name], getattr(defaults, f.name)
+        if type(value) is type(default) or (type(default) is float and type(value) is int):
+            kept[f.name] = type(default)(value)
+        else:
+            logger.warning("setting %s = %r ignored: expected a %s", f.name, value, type(default).__name__)
+    return kept
 
 
 def load_settings(path: Path | None = None) -> AppSettings:

@@ -210,7 +210,7 @@ class ChatPanel(QWidget):
         """The conversation as chat messages (role, content) plus each answer's stats."""
         out = []
         for m in self.messages:
-            if m.role == "assistant" and not m.pieces:
+            if m.role == "assistant" and not m.pieces and not m.note:
                 continue
             item = {"role": m.role, "content": m.content}
             if m.stats:
