@@ -51,6 +51,9 @@ class EngineSpec:
     draft: str | None = None  # None: a matching installed draft head, else prompt lookup
     link: LinkConfig = LinkConfig()
     in_process: bool = False  # stages as objects in this process instead of worker processes
+    # Builds the ring instead (stages on agents, see engine/agent_cli.py):
+    # (model reference, model directory, bounds, dtype, on_progress) -> a ring
+    ring_factory: Callable[..., object] | None = None
 
 
 class Engine:
@@ -74,7 +77,9 @@ class Engine:
         self.drafter: Drafter = self._drafter(spec.draft, path)
         self.eos_ids = _eos_ids(self.tokenizer, path)
         self.context_len = int(getattr(self.config, "max_position_embeddings", 2048))
-        if spec.in_process:
+        if spec.ring_factory is not None:
+            self.ring = spec.ring_factory(spec.model, path, self.bounds, spec.dtype, progress)
+        elif spec.in_process:
             from engine.ring_local import LocalRing
 
             workers = []
