@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--max-new-tokens", type=int, default=48)
     sub.add_parser("models", help="list the models and draft heads available on this machine")
     _add_distill_parser(sub)
+    from engine.agent_cli import add_parsers as _add_agent_parsers
+
+    _add_agent_parsers(sub)
     return parser
 
 
@@ -91,23 +94,23 @@ def engine_spec(args):
     from engine.session import EngineSpec
 
     bounds = None
+    ring_factory = None  # stages on agents when the layout names devices
     if args.layout:
         from engine.layout import load_layout
 
         layout = load_layout(args.layout)
-        remote = [s.device_id for s in layout.stages if s.device_id != "local"]
-        if remote:
-            raise ConfigError(
-                f"{args.layout} places stages on devices {', '.join(remote)}; this command runs stages "
-                "on this machine only, so set device = \"local\" for each stage"
-            )
+        if any(s.device_id != "local" for s in layout.stages):
+            from engine.agent_cli import agent_ring_factory
+
+            ring_factory = agent_ring_factory(layout, args.layout)
         bounds = tuple((s.start, s.end) for s in layout.stages)
         if layout.model and args.model == "smollm2-135m":
             args.model = layout.model
     if args.stages < 1:
         raise ConfigError(f"--stages must be at least 1 (got {args.stages})")
     return EngineSpec(model=args.model, bounds=bounds, n_stages=args.stages, dtype=args.dtype, draft=args.draft,
-                      link=LinkConfig(args.link_mbps, args.link_latency_ms), in_process=args.in_process)
+                      link=LinkConfig(args.link_mbps, args.link_latency_ms), in_process=args.in_process,
+                      ring_factory=ring_factory)
 
 
 def session_config(args, strategy: str) -> SessionConfig:
@@ -258,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     commands = {"generate": cmd_generate, "models": cmd_models, "check": cmd_check, "distill": cmd_distill}
+    from engine.agent_cli import cmd_devices, cmd_pair
+
+    commands.update(devices=cmd_devices, pair=cmd_pair)
     t0 = time.perf_counter()
     try:
         return commands[args.command](args)
