@@ -7,7 +7,7 @@ export QT_QPA_PLATFORM ?= offscreen
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: run test test-all lint clean
+.PHONY: run test test-all lint clean dist agent-installer test-dist
 
 $(STAMP): pyproject.toml requirements-models.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,10 +24,28 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m 'not dist' tests
 
 lint: $(STAMP)
 	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+# Frozen programs (PyInstaller, build.spec): dist/flowspec-studio/ and dist/flowspec-agent/.
+DIST_STAMP := $(VENV)/.dist-installed
+$(DIST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,dist]'
+	touch $(DIST_STAMP)
+
+dist: $(DIST_STAMP)
+	$(BIN)/pyinstaller --noconfirm --clean --log-level WARN build.spec
+	du -sh dist/flowspec-studio dist/flowspec-agent
+
+# One file for Linux devices: a self-extracting installer of the frozen agent (systemd user service).
+agent-installer: dist
+	sh packaging/build-agent-installer.sh
+
+# The frozen programs' own tests (they skip when dist/ has not been built).
+test-dist: dist
+	$(BIN)/python -m pytest -q -m dist tests/dist

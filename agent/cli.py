@@ -40,8 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-memory", type=_size, default=0, help="most memory stages may use here, e.g. 6G")
     parser.add_argument("--cluster-secret", default=os.environ.get("FLOWSPEC_CLUSTER_SECRET"),
                         help="pair clients with this shared secret instead of the generated code")
+    parser.add_argument("--show-pairing-code", action="store_true",
+                        help="print this agent's id and pairing code (creating them on first use) and exit")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
+
+
+def show_pairing_code(state_dir: Path | None, cluster_secret: str | None) -> int:
+    from agent.identity import StateDir, format_code
+
+    state = StateDir(state_dir, cluster_secret)
+    print(f"pairing code {format_code(state.identity.pairing_code)}")
+    print(f"agent id {state.identity.agent_id}, state in {state.path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cluster_secret is not None and len(args.cluster_secret) < 8:
         print("error: --cluster-secret must be at least 8 characters", file=sys.stderr)
         return 2
+    if args.show_pairing_code:
+        return show_pairing_code(Path(args.state_dir) if args.state_dir else None, args.cluster_secret)
     name = (args.name or socket.gethostname())[:64]
     from agent.daemon import Agent, AgentConfig
 

@@ -47,8 +47,9 @@ class AgentProcess:
     """`python -m agent` on 127.0.0.1; `code` is its pairing code once started."""
 
     def __init__(self, state_dir: Path, name: str, port: int | None = None, mdns: bool = False,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, program: list[str] | None = None) -> None:
         self.state_dir, self.name = Path(state_dir), name
+        self.program = program or [sys.executable, "-m", "agent"]  # or a frozen build's executable
         self.port = port or free_port_block()
         self.mdns, self.extra = mdns, list(extra or [])
         self.proc: subprocess.Popen | None = None
@@ -60,7 +61,7 @@ class AgentProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> AgentProcess:
-        command = [sys.executable, "-m", "agent", "--name", self.name, "--port", str(self.port),
+        command = [*self.program, "--name", self.name, "--port", str(self.port),
                    "--bind", "127.0.0.1", "--state-dir", str(self.state_dir), *self.extra]
         if not self.mdns:
             command.append("--no-mdns")
