@@ -67,32 +67,32 @@ def test_discovery_by_mdns_and_by_address(tmp_path):
 
 def test_devices_and_pair_commands(tmp_path):
     with AgentProcess(tmp_path / "m", "listed-agent", mdns=True) as agent:
-        listed = run_cli(["devices", "--interface", "127.0.0.1", "--seconds", "3"], tmp_path / "client")
-        assert listed.returncode == 0, listed.stderr
-        row = next(line for line in listed.stdout.splitlines() if line.startswith("listed-agent"))
-        assert agent.address in row and " no " in row
         paired = run_cli(["pair", agent.address, agent.code.lower()], tmp_path / "client")
         assert paired.returncode == 0 and "paired with listed-agent" in paired.stdout, paired.stderr
         listed = run_cli(["devices", "--interface", "127.0.0.1", "--seconds", "3"], tmp_path / "client")
+        assert listed.returncode == 0, listed.stderr
         row = next(line for line in listed.stdout.splitlines() if line.startswith("listed-agent"))
-        assert " yes " in row and "GiB" in row and "(cpu)" in row
+        assert agent.address in row and " mdns " in row and " yes " in row and "GiB" in row and "(cpu)" in row
         wrong = run_cli(["pair", agent.address, "AAAA-BBBB"], tmp_path / "client")
         assert wrong.returncode == 1 and "pairing with" in wrong.stderr
 
 
 def test_generate_with_a_layout_of_two_agents_equals_local_smollm2(tmp_path):
+    from engine.config import SessionConfig
+    from engine.session import Engine, EngineSpec
+
     client = tmp_path / "client"
+    prompt, max_new = "Name three colours.", 24
     with AgentProcess(tmp_path / "a", "left") as left, AgentProcess(tmp_path / "b", "right") as right:
         for agent in (left, right):
-            assert run_cli(["pair", agent.address, agent.code], client).returncode == 0
+            pair(agent.address, agent.code, ClientKeys(client))
         layout = tmp_path / "two-agents.toml"
         layout.write_text(f'model = "smollm2-135m"\nn_layers = 30\n[[stage]]\ndevice = "{left.address}"\n'
                           f'layers = [0, 15]\n[[stage]]\ndevice = "{right.address}"\nlayers = [15, 30]\n')
-        common = ["generate", "--prompt", "Name three colours.", "--dtype", "fp32", "--max-new-tokens", "24",
-                  "--json", "--draft", "lookup"]
-        remote = run_cli([*common, "--layout", str(layout)], client)
+        remote = run_cli(["generate", "--layout", str(layout), "--prompt", prompt, "--dtype", "fp32", "--json",
+                          "--max-new-tokens", str(max_new), "--draft", "lookup"], client)
         assert remote.returncode == 0, remote.stderr[-3000:]
-        local = run_cli([*common, "--in-process"], client)
-        assert local.returncode == 0, local.stderr[-3000:]
-        assert json.loads(remote.stdout)["token_ids"] == json.loads(local.stdout)["token_ids"]
         assert "MiB of weights" not in remote.stderr  # both agents have the built-in model themselves
+    with Engine(EngineSpec("smollm2-135m", dtype="fp32", draft="lookup", in_process=True)) as engine:
+        local = engine.generate(engine.encode(prompt), SessionConfig(max_new_tokens=max_new))
+    assert json.loads(remote.stdout)["token_ids"] == local.token_ids
