@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
+import signal
 import sys
 import time
 
@@ -59,7 +61,25 @@ def main(argv: list[str] | None = None) -> int:
     window.show()
     logger.info("window shown in %.2f s", time.monotonic() - t0)
     QTimer.singleShot(0, window.start)
-    return app.exec()
+    _close_on_signals(window)
+    code = app.exec()
+    del window  # widgets go before the QApplication, or Qt's teardown may crash
+    gc.collect()
+    return code
+
+
+def _close_on_signals(window) -> None:
+    """Ctrl+C or SIGTERM closes the window as its close button does (settings saved, stages shut down).
+
+    Python runs signal handlers only between bytecodes, so a short timer keeps it waking up.
+    """
+    from PySide6.QtCore import QTimer
+
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, lambda *_: window.close())
+    wake = QTimer(window)
+    wake.timeout.connect(lambda: None)
+    wake.start(250)
 
 
 if __name__ == "__main__":

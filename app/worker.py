@@ -181,8 +181,13 @@ class _EngineWorker(QObject):
             self._generating = False
 
     def _begin_answer(self, prefix: list[int] | None = None) -> None:
+        """Start the text stream of an answer; a continued answer keeps the stream that showed its start,
+        so text held back at the cut (half a character) is shown once, not lost or repeated."""
         from engine.session import TextStream
 
+        if prefix and self._stream is not None and self._stream.ids == list(prefix):
+            self._answer_ids = list(prefix)
+            return
         self._answer_ids = list(prefix or [])
         self._stream = TextStream(self._engine.tokenizer)
         self._stream.push(self._answer_ids)

@@ -149,7 +149,11 @@ class ChatPanel(QWidget):
 
     def on_request_finished(self, event: RequestFinished) -> None:
         if self.messages and self.messages[-1].role == "assistant":
-            self.messages[-1].stats = format_stats(event)
+            message = self.messages[-1]
+            shown = message.content
+            if event.text != shown and event.text.startswith(shown):  # text held back mid-character
+                message.pieces.append((event.text[len(shown):], False))
+            message.stats = format_stats(event)
         self.set_generating(False)
         self._render_all()
 

@@ -27,6 +27,10 @@ SHOW_WINDOW = textwrap.dedent("""
     assert not heavy, f"imported before the window showed: {heavy}"
     assert not window.bridge.running, "the engine thread starts only after the window shows"
     print(f"window shown {shown:.2f} s after the interpreter started the script")
+    window.close()
+    del window  # widgets go before the QApplication, or Qt's teardown may crash
+    import gc
+    gc.collect()
 """)
 
 
