@@ -50,6 +50,10 @@ class EngineBridge(QObject):
     """tuple[(device_id, ms_per_layer), ...] measured by the last answer."""
     sig_engine_error = Signal(str)
     """An unexpected engine error, to show in the window."""
+    sig_local_agents_started = Signal(object)
+    """tuple[app.local_agents.LocalAgent, ...] started and paired on loopback."""
+    sig_paired = Signal(object)
+    """app.devices.DeviceInfo of an agent this window just paired with (from its Hello)."""
 
     # private: GUI thread -> worker thread (queued)
     _req_inspect = Signal(str, str)
@@ -58,6 +62,8 @@ class EngineBridge(QObject):
     _req_resume = Signal(object, object)
     _req_stop = Signal()
     _req_reset = Signal()
+    _req_local_agents = Signal(int)
+    _req_pair = Signal(str, str)
     _req_close = Signal()
 
     def __init__(self, parent: QObject | None = None) -> None:
@@ -80,7 +86,7 @@ class EngineBridge(QObject):
         w = self._worker
         for name in ("model_inspected", "load_progress", "engine_ready", "engine_state", "text_accepted",
                      "step_stats", "request_finished", "request_failed", "stage_lost", "speeds_measured",
-                     "engine_error"):
+                     "engine_error", "local_agents_started", "paired"):
             getattr(w, f"sig_{name}").connect(getattr(self, f"sig_{name}"))
         self._req_inspect.connect(w.inspect_model)
         self._req_load.connect(w.load)
@@ -88,6 +94,8 @@ class EngineBridge(QObject):
         self._req_resume.connect(w.resume)
         self._req_stop.connect(w.stop)
         self._req_reset.connect(w.reset_conversation)
+        self._req_local_agents.connect(w.start_local_agents)
+        self._req_pair.connect(w.pair)
         self._req_close.connect(w.shutdown)
         self._thread.start()
 
@@ -132,6 +140,13 @@ class EngineBridge(QObject):
     def stop(self) -> None:
         """Stop the answer being generated; what was accepted so far stays."""
         self._req_stop.emit()
+
+    def start_local_agents(self, n: int) -> None:
+        """Start ``n`` agents on loopback and pair with them; sig_local_agents_started says where."""
+        self._req_local_agents.emit(n)
+
+    def pair(self, address: str, code: str) -> None:
+        self._req_pair.emit(address, code)
 
     def reset_conversation(self) -> None:
         """Start a new chat: the engine forgets the earlier messages."""

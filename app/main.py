@@ -21,7 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowspec-studio", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help=f"model reference (default: the last one used, else {DEFAULT_MODEL})")
     p.add_argument("--local-agents", type=int, default=0, metavar="N",
-                   help="start N local stage workers on this machine and load the model on them")
+                   help="start N flowspec-agents on this machine's loopback, pair with them and load the model")
+    p.add_argument("--local-workers", type=int, default=2, metavar="N",
+                   help="without agents: offer N stage worker processes on this machine (default 2)")
+    p.add_argument("--interface", action="append", default=None, metavar="ADDR",
+                   help="look for agents by mDNS only on this local address (default: all); repeatable")
+    p.add_argument("--no-mdns", action="store_true", help="do not browse mDNS; add agents by host:port")
+    p.add_argument("--no-discovery", action="store_true", help="no agents at all: local worker processes only")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -29,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_window(args: argparse.Namespace):
     """The main window with its bridge, not started yet (no torch is imported here)."""
+    from app.agents import AgentDevices
     from app.bridge import EngineBridge
     from app.devices import local_worker_devices
     from app.main_window import MainWindow
@@ -36,17 +43,18 @@ def build_window(args: argparse.Namespace):
 
     settings = load_settings()
     model = args.model or settings.model or DEFAULT_MODEL
-    n_workers = args.local_agents if args.local_agents > 0 else 2
-    devices = local_worker_devices(n_workers)
-    return MainWindow(EngineBridge(), settings, model, args.dtype, devices, auto_apply=args.local_agents > 0)
+    devices = () if args.local_agents > 0 else local_worker_devices(args.local_workers)
+    agents = None if args.no_discovery else AgentDevices(interfaces=args.interface, mdns=not args.no_mdns)
+    return MainWindow(EngineBridge(), settings, model, args.dtype, devices, auto_apply=args.local_agents > 0,
+                      agents=agents, local_agents=args.local_agents)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.local_agents < 0:
-        print("flowspec-studio: --local-agents must be 0 or more", file=sys.stderr)
+    if args.local_agents < 0 or args.local_workers < 1:
+        print("flowspec-studio: --local-agents must be 0 or more and --local-workers at least 1", file=sys.stderr)
         return 2
     t0 = time.monotonic()
     from PySide6.QtCore import QTimer

@@ -14,6 +14,7 @@ from dataclasses import replace
 from PySide6.QtCore import QByteArray, Qt
 from PySide6.QtWidgets import QLabel, QMainWindow, QSplitter, QVBoxLayout, QWidget
 
+from app.agents import AgentDevices
 from app.bridge import EngineBridge
 from app.devices import DeviceInfo, find, with_speeds, with_state
 from app.layout_plan import ModelShape, suggest
@@ -36,7 +37,8 @@ logger = logging.getLogger(__name__)
 
 class MainWindow(QMainWindow):
     def __init__(self, bridge: EngineBridge, settings: AppSettings, model_ref: str, dtype: str = "bf16",
-                 devices: tuple[DeviceInfo, ...] = (), auto_apply: bool = False) -> None:
+                 devices: tuple[DeviceInfo, ...] = (), auto_apply: bool = False, agents: AgentDevices | None = None,
+                 local_agents: int = 0) -> None:
         super().__init__()
         self.setWindowTitle("FlowSpec Studio")
         self.bridge = bridge
@@ -44,7 +46,11 @@ class MainWindow(QMainWindow):
         self.model_ref = model_ref
         self.dtype = dtype
         self.auto_apply = auto_apply
+        self.agents = agents
+        self.local_agents = local_agents
         self.plan: EnginePlan | None = None
+        self._local_devices: tuple[DeviceInfo, ...] = tuple(devices)
+        self._agent_devices: tuple[DeviceInfo, ...] = ()
         self.device_model = DeviceListModel(self)
         self.layout_model = LayoutModel(self)
         self.devices_panel = DevicePanel(self.device_model)
@@ -58,34 +64,36 @@ class MainWindow(QMainWindow):
         self._build()
         self._restore(settings)
         self._wire()
-        self.set_devices(devices)
+        self._show_devices()
 
     # --- construction
 
     def _build(self) -> None:
-        left = QSplitter(Qt.Orientation.Vertical)
-        left.addWidget(self.devices_panel)
-        left.addWidget(self.generation)
-        left.setStretchFactor(0, 1)
+        """Top: devices beside the layout editor. Bottom: generation settings, chat, live charts."""
         chat_box = QWidget()
         box = QVBoxLayout(chat_box)
         box.setContentsMargins(8, 0, 8, 0)
         box.addWidget(self.banner)
         box.addWidget(self.chat, 1)
-        centre = QSplitter(Qt.Orientation.Vertical)
-        centre.addWidget(self.editor)
-        centre.addWidget(chat_box)
-        centre.setStretchFactor(1, 1)
-        self.main_splitter = QSplitter(Qt.Orientation.Horizontal)
-        self.main_splitter.addWidget(left)
-        self.main_splitter.addWidget(centre)
-        self.main_splitter.addWidget(self.charts)
-        self.main_splitter.setStretchFactor(1, 2)
-        self.main_splitter.setStretchFactor(2, 1)
-        self.main_splitter.setSizes([360, 760, 480])
-        self.splitters = (self.main_splitter, left, centre)
+        top = QSplitter(Qt.Orientation.Horizontal)
+        top.addWidget(self.devices_panel)
+        top.addWidget(self.editor)
+        top.setStretchFactor(1, 1)
+        top.setSizes([560, 1040])
+        bottom = QSplitter(Qt.Orientation.Horizontal)
+        bottom.addWidget(self.generation)
+        bottom.addWidget(chat_box)
+        bottom.addWidget(self.charts)
+        bottom.setStretchFactor(1, 1)
+        bottom.setSizes([300, 700, 600])
+        self.main_splitter = QSplitter(Qt.Orientation.Vertical)
+        self.main_splitter.addWidget(top)
+        self.main_splitter.addWidget(bottom)
+        self.main_splitter.setStretchFactor(1, 1)
+        self.main_splitter.setSizes([330, 670])
+        self.splitters = (self.main_splitter, top, bottom)
         self.setCentralWidget(self.main_splitter)
-        self.resize(1600, 960)
+        self.resize(1600, 1000)
 
     def _wire(self) -> None:
         b = self.bridge
@@ -108,25 +116,90 @@ class MainWindow(QMainWindow):
         self.chat.clear_button.clicked.connect(self._on_new_chat)
         self.banner.sig_replan_requested.connect(self.replan_and_continue)
         self.banner.sig_retry_requested.connect(self.retry_and_continue)
+        self.devices_panel.sig_add_requested.connect(self._on_add_requested)
+        self.devices_panel.sig_pair_requested.connect(self._on_pair_requested)
+        b.sig_local_agents_started.connect(self._on_local_agents_started)
+        if self.agents is not None:
+            b.sig_paired.connect(self.agents.on_paired)
+            self.agents.sig_devices_changed.connect(self._on_agent_devices)
 
     def start(self) -> None:
         """Start the engine thread and read the model (call after show(): torch loads there, not here)."""
         self.bridge.start()
+        if self.agents is not None:
+            self.agents.start()
+        if self.local_agents > 0:
+            self.bridge.start_local_agents(self.local_agents)
         self.state_label.setText(f"Reading {self.model_ref} …")
         self.bridge.inspect_model(self.model_ref, self.dtype)
 
-    # --- devices
-
-    def set_devices(self, devices: tuple[DeviceInfo, ...]) -> None:
-        self.device_model.set_devices(devices)
-        self.layout_model.set_devices(devices)
+    # --- devices: local stage workers and agents
 
     @property
     def devices(self) -> tuple[DeviceInfo, ...]:
         return self.device_model.devices
 
+    def set_devices(self, devices: tuple[DeviceInfo, ...]) -> None:
+        """Replace the device states the engine side reports (local workers and agents alike)."""
+        self._local_devices = tuple(d for d in devices if d.source == "local")
+        self._show_devices()
+
+    def _on_agent_devices(self, devices: tuple[DeviceInfo, ...]) -> None:
+        self._agent_devices = devices
+        self._show_devices()
+        self._maybe_auto_apply()
+
+    def _show_devices(self) -> None:
+        """The list shows every device; the layout's lanes are the usable agents when there are any
+        (a ring runs on agents or on local processes, not both), else the local workers."""
+        everything = self._local_devices + self._agent_devices
+        self.device_model.set_devices(everything)
+        usable_agents = any(d.usable for d in self._agent_devices)
+        lanes = self._agent_devices if usable_agents or not self._local_devices else (
+            self._local_devices + tuple(d for d in self._agent_devices if d.state == "unpaired"))
+        self.layout_model.set_devices(lanes)
+
     def _on_speeds_measured(self, speeds) -> None:
-        self.set_devices(with_speeds(self.devices, dict(speeds)))
+        speeds = dict(speeds)
+        self.set_devices(with_speeds(self._local_devices, speeds))
+        if self.agents is not None:
+            self.agents.set_speeds(speeds)
+
+    def _mark(self, device_id: str, state: str) -> None:
+        self.set_devices(with_state(self._local_devices, device_id, state))
+        if state == "lost" and self.agents is not None and find(self._agent_devices, device_id):
+            self.agents.mark_lost(device_id)
+
+    def _on_add_requested(self, address: str) -> None:
+        if self.agents is None:
+            self.devices_panel.set_message("Device discovery is off in this window.")
+            return
+        try:
+            self.agents.add(address)
+        except ValueError as error:
+            self.devices_panel.set_message(str(error))
+            return
+        self.devices_panel.set_message(f"Watching {address}; it appears here when it answers.")
+
+    def _on_pair_requested(self, device_id: str, code: str) -> None:
+        device = find(self.devices, device_id)
+        if device is not None:
+            self.devices_panel.set_message(f"Pairing with {device.name} …")
+            self.bridge.pair(device.address, code)
+
+    def _on_local_agents_started(self, agents) -> None:
+        for agent in agents:
+            self.agents.add(agent.address)
+        self.devices_panel.set_message(f"{len(agents)} local agents started on 127.0.0.1 and paired.")
+
+    def _maybe_auto_apply(self) -> None:
+        """With --local-agents N: lay out and load once the model is read and N agents answer."""
+        ready = sum(d.usable for d in self._agent_devices) >= self.local_agents
+        if not (self.auto_apply and self.local_agents and ready and self.layout_model.shape is not None):
+            return
+        self.auto_apply = False
+        if self.editor.suggest():
+            self.apply_layout(self.layout_model.layout)
 
     # --- layout and loading
 
@@ -141,11 +214,26 @@ class MainWindow(QMainWindow):
                 logger.info("last layout not usable: %s", error)
         if not restored:
             self.editor.suggest()
-        if self.auto_apply and self.layout_model.layout is not None:
+        if self.local_agents:
+            self._maybe_auto_apply()
+        elif self.auto_apply and self.layout_model.layout is not None:
+            self.auto_apply = False
             self.apply_layout(self.layout_model.layout)
 
+    def _plan(self, layout: Layout) -> EnginePlan | None:
+        sources = {(find(self.devices, s.device_id) or DeviceInfo(s.device_id, "", "")).source for s in layout.stages}
+        if "local" in sources and len(sources) > 1:
+            self.editor.show_message("A layout runs on agents or on this computer's worker processes, not both: "
+                                     "move the local stages onto agents.", "error")
+            return None
+        return EnginePlan(self.model_ref, replace(layout, model=self.model_ref), self.dtype,
+                          on_agents="local" not in sources)
+
     def apply_layout(self, layout: Layout) -> None:
-        self.plan = EnginePlan(self.model_ref, replace(layout, model=self.model_ref), self.dtype)
+        plan = self._plan(layout)
+        if plan is None:
+            return
+        self.plan = plan
         self.editor.begin_loading(layout)
         self.chat.set_ready(False, "Loading the stages …")
         self.bridge.load(self.plan)
@@ -153,7 +241,7 @@ class MainWindow(QMainWindow):
     def _on_engine_ready(self, ready: EngineReady) -> None:
         self.settings = replace(self.settings, last_layout=ready.plan.layout.to_text())
         used = {s.device_id for s in ready.plan.layout.stages}
-        devices = self.devices
+        devices = self._local_devices
         for device in devices:
             if device.device_id in used and device.state == "online":
                 devices = with_state(devices, device.device_id, "busy")
@@ -199,11 +287,11 @@ class MainWindow(QMainWindow):
 
     def _on_stage_lost(self, report: StageLostReport) -> None:
         device = find(self.devices, report.device_id) if report.device_id else None
-        if report.device_id:
-            self.set_devices(with_state(self.devices, report.device_id, "lost"))
-        for d in self.devices:  # the ring is down: the others are idle again
+        for d in self._local_devices:  # the ring is down: the other local workers are idle again
             if d.state == "busy":
-                self.set_devices(with_state(self.devices, d.device_id, "online"))
+                self.set_devices(with_state(self._local_devices, d.device_id, "online"))
+        if report.device_id:
+            self._mark(report.device_id, "lost")
         name = device.name if device else (report.device_id or "a device")
         self.chat.mark_cut(f"cut short: {name} was lost")
         self.chat.set_ready(False, f"{name} was lost.")
@@ -231,12 +319,17 @@ class MainWindow(QMainWindow):
         if self.plan is None or self.banner.report is None:
             return
         if self.banner.report.device_id:
-            self.set_devices(with_state(self.devices, self.banner.report.device_id, "online"))
+            self.set_devices(with_state(self._local_devices, self.banner.report.device_id, "online"))
+            if self.agents is not None:
+                self.agents.mark_found(self.banner.report.device_id)
         self._continue_on(self.plan.layout)
 
     def _continue_on(self, layout: Layout) -> None:
+        plan = self._plan(layout)
+        if plan is None:
+            return
         self.banner.hide()
-        self.plan = EnginePlan(self.model_ref, replace(layout, model=self.model_ref), self.dtype)
+        self.plan = plan
         self.editor.begin_loading(layout)
         self.chat.continue_answer()
         self.bridge.resume(self.plan, self.session_config())
@@ -279,4 +372,6 @@ class MainWindow(QMainWindow):
         except OSError as error:
             logger.error("cannot save settings: %s", error)
         self.bridge.close()
+        if self.agents is not None:
+            self.agents.close()
         super().closeEvent(event)

@@ -20,6 +20,7 @@ class EnginePlan:
     layout: Layout
     dtype: str = "bf16"
     draft: str | None = None
+    on_agents: bool = False  # stages on flowspec-agents (device ids are agent ids), else local processes
 
     @property
     def bounds(self) -> tuple[tuple[int, int], ...]:

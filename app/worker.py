@@ -27,6 +27,21 @@ LIVENESS_INTERVAL_MS = 500
 _STAGE_IN_MESSAGE = re.compile(r"stage (\d+)/(\d+)")
 
 
+_WEIGHTS = re.compile(r"weights ([\d.]+)/([\d.]+) MiB")
+
+
+def _stage_fraction(text: str) -> float:
+    """How far one stage's start-up line says it is: spawned, weights sent (agents), loading, ready."""
+    if "ready" in text:
+        return 1.0
+    match = _WEIGHTS.search(text)
+    if match and float(match.group(2)) > 0:
+        return 0.1 + 0.7 * float(match.group(1)) / float(match.group(2))
+    if "into memory" in text:
+        return 0.85
+    return 0.4 if "loading" in text else 0.1
+
+
 class LoadCancelled(Exception):
     """The user cancelled Apply while the stages were loading."""
 
@@ -43,6 +58,8 @@ class _EngineWorker(QObject):
     sig_stage_lost = Signal(object)
     sig_speeds_measured = Signal(object)
     sig_engine_error = Signal(str)
+    sig_local_agents_started = Signal(object)
+    sig_paired = Signal(object)
 
     def __init__(self, cancel_load: threading.Event) -> None:
         super().__init__()
@@ -55,6 +72,7 @@ class _EngineWorker(QObject):
         self._answer_ids: list[int] = []
         self._liveness: QTimer | None = None
         self._generating = False
+        self._local_agents = None
 
     # --- slots (entered only through queued signals)
 
@@ -83,8 +101,13 @@ class _EngineWorker(QObject):
             from app.chat_session import ChatSession
             from engine.session import Engine, EngineSpec
 
+            ring_factory = None
+            if plan.on_agents:
+                from engine.agent_cli import agent_ring_factory
+
+                ring_factory = agent_ring_factory(plan.layout, "this layout")
             spec = EngineSpec(model=plan.model, bounds=plan.bounds, n_stages=len(plan.bounds), dtype=plan.dtype,
-                              draft=plan.draft)
+                              draft=plan.draft, ring_factory=ring_factory)
             self._plan = plan
             self._engine = Engine(spec, on_progress=self._on_progress)
             self._session = ChatSession(self._engine, SessionConfig(), self._on_event)
@@ -117,7 +140,10 @@ class _EngineWorker(QObject):
             self._session.submit(prompt, config)
         except Exception as error:  # boundary: a refused prompt (too long, a request running) is shown
             logger.exception("submit failed")
-            self.sig_engine_error.emit(str(error))
+            if type(error).__name__ == "StageLost":  # the ring broke while idle (an agent went away)
+                self._report_lost(self._lost_stage(str(error)), str(error), None)
+            else:
+                self.sig_engine_error.emit(str(error))
             return
         self._generating = True
         self.sig_engine_state.emit(EngineState("generating"))
@@ -154,10 +180,48 @@ class _EngineWorker(QObject):
         if self._session is not None:
             self._session.history = self._history
 
+    @Slot(int)
+    def start_local_agents(self, n: int) -> None:
+        """Start and pair ``n`` flowspec-agents on loopback (app/local_agents.py)."""
+        from app.local_agents import LocalAgents
+
+        self.sig_engine_state.emit(EngineState("loading", f"Starting {n} local agents"))
+        try:
+            if self._local_agents is None:
+                self._local_agents = LocalAgents()
+            agents = self._local_agents.start(n, on_progress=lambda text: logger.info("%s", text))
+        except Exception as error:  # boundary: an agent that cannot start or pair is shown, not lost
+            logger.exception("local agents failed to start")
+            self.sig_engine_state.emit(EngineState("error", str(error)))
+            self.sig_engine_error.emit(f"Local agents did not start: {error}")
+            return
+        self.sig_engine_state.emit(EngineState("idle", f"{n} local agents started and paired"))
+        self.sig_local_agents_started.emit(tuple(agents))
+
+    @Slot(str, str)
+    def pair(self, address: str, code: str) -> None:
+        """Pair with the agent at ``address`` and ask it what it has (a Hello)."""
+        from app.devices import DeviceInfo
+        from engine.agent_client import ClientKeys, hello, pair
+
+        try:
+            keys = ClientKeys()
+            agent = pair(address, code, keys)
+            caps = hello(address, keys, agent.public_key)
+        except Exception as error:  # boundary: a wrong code or an unreachable agent is shown
+            logger.exception("pairing with %s failed", address)
+            self.sig_engine_error.emit(f"Pairing with {address} failed: {error}")
+            return
+        accelerator = caps.accelerator if not caps.torch_device else f"{caps.accelerator} ({caps.torch_device})"
+        self.sig_paired.emit(DeviceInfo(caps.agent_id, caps.name, address, "online", caps.memory_total,
+                                        caps.memory_free, accelerator, None, "manual"))
+
     @Slot()
     def shutdown(self) -> None:
-        """Close the engine (its stage processes end) and end this thread's event loop."""
+        """Close the engine (its stage processes end), stop local agents, end this thread's event loop."""
         self._close_engine()
+        if self._local_agents is not None:
+            self._local_agents.close()
         self.sig_engine_state.emit(EngineState("closed"))
         QThread.currentThread().quit()
 
@@ -275,7 +339,7 @@ class _EngineWorker(QObject):
                 self.sig_load_progress.emit(LoadProgress(i, stage.device_id, 0.05, text))
             return
         i = int(match.group(1)) - 1
-        fraction = 1.0 if "ready" in text else 0.4
+        fraction = _stage_fraction(text)
         if 0 <= i < len(stages):
             self.sig_load_progress.emit(LoadProgress(i, stages[i].device_id, fraction, text))
 
