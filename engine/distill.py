@@ -64,7 +64,7 @@ class DistillConfig:
     max_new_tokens: int = 256
     sample_every: int = 5  # every n-th generation batch samples (the rest are greedy)
     temperature: float = 0.6
-    derived_share: float = 0.2  # of the tokens: summaries, rewrites and follow-ups of earlier answers
+    derived_share: float = 0.3  # of the tokens: summaries, rewrites and follow-ups of earlier answers
     generation_share: float = 0.55  # of the time budget, at most
     val_every: int = 33  # every n-th sequence is kept out of training to measure top-1
     checkpoint_every_s: float = 120.0

@@ -53,7 +53,30 @@ public libraries; museums; poetry; Shakespeare; fairy tales; mythology; the hist
 time management; public speaking; negotiation; leadership; teamwork; habits; procrastination; motivation;
 friendship; moving to a new city; first jobs; studying for exams; online courses; note-taking; memory techniques;
 bridges; skyscrapers; trains; airplanes; submarines; lighthouses; castles; ancient Greece; the Vikings; the Maya;
-clocks; calendars; money; banks; taxes; insurance; supply chains; shipping containers; the stock market; startups
+clocks; calendars; money; banks; taxes; insurance; supply chains; shipping containers; the stock market; startups;
+cats; dogs; horses; owls; bats; spiders; ants; sharks; whales; frogs; snakes; butterflies; crows; parrots; camels;
+hedgehogs; squirrels; salmon migration; pollination; seeds; trees in winter; mushrooms; moss; cacti; bamboo; soil;
+rivers; wetlands; caves; islands; tsunamis; hurricanes; tornadoes; fog; clouds; the ozone layer; air pollution;
+plastic waste; clean water; nuclear power; hydropower; geothermal energy; hydrogen fuel; the power grid; insulation;
+heat pumps; LED lighting; tiny houses; urban gardens; public transport; bicycles in cities; high-speed rail; ferries;
+airports; traffic jams; self-driving cars; drones; satellites; the International Space Station; rockets; the Big Bang;
+exoplanets; the Milky Way; eclipses; meteor showers; the seasons; time zones; leap years; maps; compasses; navigation;
+the metric system; prime numbers; fractions; probability; statistics; geometry; algebra; infinity; zero; puzzles;
+sudoku; crosswords; card games; magic tricks; circuses; theatre; opera; ballet; hip hop; film making; animation;
+podcasts; radio; newspapers; social media; online privacy; passwords; spam email; cloud storage; data centres;
+computer viruses; the keyboard; the mouse; printers; video calls; emojis; translation apps; search engines; Wikipedia;
+libraries of the future; handwriting; calligraphy; knitting; sewing; pottery; woodworking; candle making; soap making;
+baking bread; making jam; pickling vegetables; barbecue; vegetarian cooking; school lunches; breakfast; table manners;
+tipping; birthdays; weddings; holidays around the world; New Year traditions; festivals; carnivals; fireworks;
+museums of science; zoos; national parks; camping; hiking safety; first aid; sunscreen; allergies; the common cold;
+headaches; posture; walking; stretching; breathing; laughter; stress; boredom; curiosity; creativity; kindness;
+gratitude; patience; honesty; apologising; saying no; making decisions; setting goals; keeping a diary; minimalism;
+decluttering; cleaning routines; laundry; ironing; moving house; renting a flat; buying a used car; saving energy at home;
+pets and children; volunteering; charity; elections; democracy; the United Nations; human rights; the justice system;
+juries; the police; firefighters; nurses; teachers; farmers; fishermen; architects; librarians; pilots; chefs;
+the wheel; the steam engine; electricity; the light bulb; the telephone; television; the radio; penicillin; x-rays;
+the microscope; the telescope; paper; glass; steel; concrete; cotton; wool; silk; rubber; salt; sugar; rice; wheat;
+potatoes; corn; tomatoes; apples; bananas; coffee farming; cocoa farming; vineyards; cheese making; yoghurt; ice cream
 """)
 
 AUDIENCES = _items("a ten-year-old; a complete beginner; a university student; a busy manager; a grandparent; "
@@ -105,6 +128,20 @@ Write a {lang} function that {task}.; How do I write code in {lang} that {task}?
 Show me a {lang} snippet that {task} and explain how it works.; Write a {lang} function that {task}, and add a few tests.
 """)
 
+CONCEPT_PAIRS = _items("""
+a list and a tuple; a compiler and an interpreter; a class and an object; a stack and a queue; SQL and NoSQL databases;
+TCP and UDP; HTTP and HTTPS; git merge and git rebase; a library and a framework; static and dynamic typing;
+an array and a linked list; a function and a method; synchronous and asynchronous code; unit tests and integration tests;
+a shallow copy and a deep copy; inheritance and composition; a variable and a constant; recursion and iteration;
+a hash map and a binary search tree; breadth-first and depth-first search; a pointer and a reference;
+an abstract class and an interface; a virtual machine and a container; a GET and a POST request;
+frontend and backend development
+""")
+CONCEPT_PAIR_TEMPLATES = _items("""
+What is the difference between {pair}?; Explain the difference between {pair}, with a short example of each.;
+When would you choose one over the other: {pair}?; Compare {pair} in a short table.
+""")
+
 CONCEPT_TEMPLATES = _items("""
 Explain {concept} with a short example.; What is {concept} in programming?; When should I use {concept}?;
 What are common mistakes with {concept}?; Explain {concept} to a junior developer.; Give an example of {concept} in {lang}.
@@ -128,6 +165,22 @@ SNIPPETS = (
 SNIPPET_TEMPLATES = _items("Explain what this code does:; Is there a bug in this code? If so, fix it.; "
                            "How could this code be improved?; Add comments to this code:; Rewrite this code to be more readable:")
 
+MESSAGE_TONES = _items("polite; friendly; short; warm; formal; apologetic; cheerful; professional")
+MESSAGE_CASES = _items("""
+a friend, turning down an invitation to a birthday dinner because I am ill;
+my manager, asking to move our meeting to Thursday; a colleague, thanking them for covering my shift;
+my neighbour, asking them to water my plants while I am away; a customer, explaining that their refund is on its way;
+my landlord, giving notice that I will move out in two months; a teacher, explaining why my son missed school;
+a client, sending the final version of a design and asking for feedback; my team, inviting them to a farewell lunch;
+an old friend, suggesting we meet for coffee after many years; a hotel, asking for a late check-out;
+a shop, asking whether a sold-out jacket will be back in stock; my gym, cancelling my membership;
+a job applicant, inviting them to a second interview; a plumber, asking for a quote to fix a boiler;
+a relative, congratulating them on their new baby; a volunteer group, declining to join this year because I am busy;
+my flatmate, asking them to keep the kitchen tidier; a conference organiser, withdrawing from a talk I agreed to give
+""")
+MESSAGE_TEMPLATES = _items("Write a {tone} message to {case}.; Write a {tone} email to {case}.; "
+                           "Draft a {tone} text message to {case}.")
+
 WRITING_TASKS = _items("""
 Write an email to my landlord asking to fix a leaking tap.; Write a thank-you note to a teacher who helped me a lot.;
 Write a short speech for my sister's graduation.; Write a cover letter for a job as a junior graphic designer.;
@@ -148,7 +201,13 @@ learn to play the piano; make new friends in a new city; drink more water; start
 become a better listener; plan a small wedding; train for a hiking trip; learn to swim; build an emergency fund
 """)
 
+CONSTRAINTS = _items("""
+practising 15 minutes a day; on a small budget; while working full time; with no equipment; in two months;
+with only weekends free; as someone over sixty; with two small children at home; without a car; starting from zero
+""")
+
 PLAN_TEMPLATES = _items("""
+Give me a step-by-step plan to {goal}, {constraint}.; I want to {goal}, {constraint}. What do you suggest?;
 How can I {goal}?; Give me a {n}-week plan to {goal}.; What are the first steps to {goal}?; I want to {goal}. Where should I start?;
 What mistakes should I avoid if I want to {goal}?; Make a checklist to help me {goal}.
 """)
@@ -179,7 +238,28 @@ How do solar panels produce electricity?; What is the greenhouse effect?; How do
 Why do dogs wag their tails?; How do plants know which way is up?; What is the difference between weather and climate?;
 What is the difference between a virus and a bacterium?; What is the difference between a lake and a pond?;
 Who invented the telephone?; How long does it take light from the Sun to reach Earth?; What is a calorie?;
-How does Wi-Fi work?; Why do we need sleep?; How do fish breathe underwater?; What is an atom made of?
+How does Wi-Fi work?; Why do we need sleep?; How do fish breathe underwater?; What is an atom made of?;
+Why do dogs sniff everything?; Why do birds sing in the morning?; How do bats find their way in the dark?;
+Why do zebras have stripes?; How do chameleons change colour?; Why do giraffes have long necks?; How do ants find food?;
+Why do we get goosebumps?; Why do we hiccup?; Why does our skin wrinkle in water?; How do we taste food?;
+Why do we blink?; How do bones heal?; What does the liver do?; Why do we sneeze?; How do our eyes see colour?;
+What is the difference between a comet and an asteroid?; What is the difference between a star and a planet?;
+What is the difference between an alligator and a crocodile?; What is the difference between baking soda and baking powder?;
+What is the difference between a hurricane, a typhoon and a cyclone?; What is the difference between a frog and a toad?;
+What is the difference between speed and velocity?; What is the difference between mass and weight?;
+What is the difference between a democracy and a republic?; What is the difference between a mortgage and a loan?;
+What is the difference between RAM and storage?; What is the difference between a mammal and a reptile?;
+Why does bread go stale?; Why does metal feel colder than wood?; Why do cakes rise in the oven?; Why is glass transparent?;
+How does soap clean things?; How does a thermometer work?; Why does the Moon have phases?; What causes tides?;
+Why is Mars red?; How hot is the Sun?; How far away is the Moon?; How do volcanoes form?; What causes earthquakes?;
+Why does thunder follow lightning?; How are clouds formed?; Why is snow white?; How do glaciers move?;
+Who built the pyramids?; Why did the Roman Empire fall?; Who was the first person to fly an airplane?;
+When was the printing press invented, and why did it matter?; How did people tell the time before clocks?;
+Why do we have leap years?; Why are there 60 minutes in an hour?; How did the Olympic Games start?;
+What is a black hole?; What is gravity?; What is electricity?; What is a gene?; What is a galaxy?; What is an algorithm?;
+What is a recession?; What is a budget deficit?; What is a credit card interest rate?; What is a carbon footprint?;
+How do I know if an egg is fresh?; How long should I boil an egg?; Is it safe to eat raw cookie dough?;
+How often should I water a cactus?; Why do my houseplants have yellow leaves?; How can I keep bread fresh for longer?
 """)
 
 DEVICES = _items("a dishwasher; a thermostat; the gears on a bicycle; an electric kettle; a smoke detector; a barcode scanner; "
@@ -207,12 +287,18 @@ FACT_TEMPLATES = _items("What is the capital of {country}, and what is it known 
 SYSTEM_PROMPTS = _items("""
 You are a helpful assistant.; You are a concise assistant. Answer briefly.; You are a patient teacher.;
 You are a friendly cooking assistant.; You are an expert programmer who explains things clearly.;
-You are a cheerful tutor for children.; You are a careful assistant who answers step by step.
+You are a cheerful tutor for children.; You are a careful assistant who answers step by step.;
+You are a knowledgeable science communicator.; You are a friendly personal finance advisor.;
+You are a supportive fitness coach.; You are a polite customer service agent.; You are a math tutor. Show your working.;
+You are a writing assistant who helps people write clear messages.; You are a tour guide who loves local history.;
+You are an assistant for a small company. Keep answers professional.; You are a gardening expert.;
+You are a helpful assistant. Reply in plain language and avoid jargon.; You are a study buddy for high school students.;
+You are an experienced software engineer doing code review.; You are a calm and practical life coach.
 """)
 
 SUMMARY_INSTRUCTIONS = _items("""
 Summarise the following text in two sentences.; Give a short bullet-point summary of the text below.;
-TL;DR of this text, please.; Write a one-paragraph summary of this:; What are the main points of the text below?;
+In short, what does this text say?; Write a one-paragraph summary of this:; What are the main points of the text below?;
 Condense this text into three short sentences.; Write a headline and a one-sentence summary for this text.
 """)
 
@@ -227,8 +313,34 @@ FOLLOW_UPS = _items("""
 Can you give me a concrete example?; Can you make that shorter?; What are the most common mistakes people make with this?;
 Thanks! Could you explain the first point in more detail?; How would this be different for a beginner?;
 Can you put the key points in a table?; What should I read next to learn more?; Why is that?;
-Could you give me a simpler version?; Can you summarise that in one sentence?; What would you add to that?
+Could you give me a simpler version?; Can you summarise that in one sentence?; What would you add to that?;
+I only have about ten minutes a day for this. Does that change your advice?; What if I am on a tight budget?;
+I live in a small flat in a big city. Is that a problem?; My partner is not convinced. How can I explain it to them?;
+Which of those would you start with, and why?; Is there anything I should be careful about?;
+I tried that already and it did not work. What else can I do?; How long does that usually take?;
+Can you explain that again, but for a twelve-year-old?; That sounds expensive. Is there a cheaper option?;
+Could you turn that into a short checklist?; What is the single most important thing here?;
+I am in a hurry. What is the quick version?; Are there any risks?; How would an expert do this differently?
 """)
+
+PROSE_SUMMARY_INSTRUCTIONS = _items("""
+Summarise this in {k} sentences.; Give a {k}-sentence summary of this passage.; Summarise the following for a busy reader in {k} sentences.;
+In {k} sentences, what is this text about?; Write a summary of this text in at most {k} sentences.;
+Summarise this passage in plain language.; Give me the gist of this text.
+""")
+
+
+def _prose(answer: str) -> str:
+    """An answer as plain running text: markdown marks, list bullets and line breaks removed."""
+    lines = [re.sub(r"^\s*(?:[-*+]|\d+[.)]|#+)\s*", "", line).strip() for line in answer.splitlines()]
+    text = " ".join(line for line in lines if line)
+    return re.sub(r"\*\*|__|`", "", text)
+
+
+def _first_sentences(answer: str, k: int) -> str:
+    """The first k sentences of an answer as plain text (a short assistant turn)."""
+    sentences = re.split(r"(?<=[.!?])\s+", _prose(answer))
+    return " ".join(sentences[:k]).strip()
 
 
 def _math_problems(rng: random.Random, n: int) -> list[str]:
@@ -254,13 +366,28 @@ def _math_problems(rng: random.Random, n: int) -> list[str]:
         lambda: f"A class has {rng.randint(10, 20)} girls and {rng.randint(10, 20)} boys. What is the ratio of girls to boys in simplest form?",
         lambda: f"Factorise x^2 + {rng.randint(5, 13)}x + {rng.choice([6, 12, 20, 30, 36])}.",
         lambda: f"What is the mean and the median of {', '.join(str(rng.randint(1, 50)) for _ in range(rng.randint(5, 8)))}?",
+        lambda: f"A car drives {rng.randint(20, 90)} km at {rng.choice([40, 50, 60, 80])} km/h and then {rng.randint(20, 90)} km at {rng.choice([90, 100, 120])} km/h. What is its average speed for the whole journey?",
+        lambda: f"A runner covers {rng.randint(3, 15)} km in {rng.randint(20, 90)} minutes. What is her average speed in km/h?",
+        lambda: f"In how many ways can {rng.randint(3, 8)} books be arranged on a shelf?",
+        lambda: f"How many different teams of {rng.randint(2, 4)} can be chosen from {rng.randint(6, 12)} players?",
+        lambda: f"A bag holds {rng.randint(2, 8)} red and {rng.randint(2, 8)} blue marbles. If I draw two without looking, what is the probability that both are red?",
+        lambda: f"A price rises from ${rng.randint(20, 60)} to ${rng.randint(61, 120)}. What is the percentage increase?",
+        lambda: f"{rng.randint(3, 8)} workers build a wall in {rng.randint(4, 12)} days. How long would {rng.randint(2, 12)} workers take at the same rate?",
+        lambda: f"How many seconds are there in {rng.randint(2, 9)} hours and {rng.randint(1, 59)} minutes?",
+        lambda: f"A map has a scale of 1:{rng.choice([25000, 50000, 100000])}. Two towns are {rng.randint(2, 15)} cm apart on the map. How far apart are they really?",
+        lambda: f"The sum of three consecutive integers is {3 * rng.randint(10, 60)}. What are they?",
+        lambda: f"A circle has a radius of {rng.randint(2, 15)} cm. What are its circumference and area?",
+        lambda: f"Sam saves ${rng.randint(5, 40)} a week. How many weeks does he need to buy a bike that costs ${rng.randint(150, 600)}?",
+        lambda: f"What is the least common multiple of {rng.randint(4, 15)} and {rng.randint(6, 20)}?",
+        lambda: f"A triangle has sides of {rng.randint(3, 9)} cm, {rng.randint(4, 10)} cm and {rng.randint(5, 12)} cm. Is it a right triangle? Explain.",
+        lambda: f"If a phone battery loses {rng.randint(5, 15)}% of its charge every hour, how long does a full battery last?",
     )
     return [makers[i % len(makers)]() for i in range(n)]
 
 
 def _filled(template: str, rng: random.Random, **values: str) -> str:
     extra = {"n": str(rng.choice([3, 4, 5, 6])), "audience": rng.choice(AUDIENCES), "lang": rng.choice(LANGUAGES),
-             "other": rng.choice(TOPICS)}
+             "other": rng.choice(TOPICS), "constraint": rng.choice(CONSTRAINTS)}
     return template.format(**{**extra, **values})
 
 
@@ -273,10 +400,14 @@ def _candidates(rng: random.Random) -> list[tuple[str, str]]:
         out.append((_filled(template, rng, lang=lang, task=task), "code"))
     for template, concept in itertools.product(CONCEPT_TEMPLATES, CODE_CONCEPTS):
         out.append((_filled(template, rng, concept=concept), "code"))
+    for template, pair in itertools.product(CONCEPT_PAIR_TEMPLATES, CONCEPT_PAIRS):
+        out.append((template.format(pair=pair), "code"))
     for template, snippet in itertools.product(SNIPPET_TEMPLATES, SNIPPETS):
         out.append((f"{template}\n\n```\n{snippet}\n```", "code"))
-    out.extend((text, "math") for text in _math_problems(rng, 1200))
+    out.extend((text, "math") for text in _math_problems(rng, 2000))
     out.extend((text, "writing") for text in WRITING_TASKS)
+    for template, tone, case in itertools.product(MESSAGE_TEMPLATES, MESSAGE_TONES, MESSAGE_CASES):
+        out.append((template.format(tone=tone, case=case), "writing"))
     for template, goal in itertools.product(PLAN_TEMPLATES, GOALS):
         out.append((_filled(template, rng, goal=goal), "instructions"))
     for template, place in itertools.product(TRAVEL_TEMPLATES, PLACES):
@@ -329,7 +460,7 @@ def make_instructions(seed: int, n: int | None = None) -> list[Instruction]:
         if category in ("general", "instructions") and rng.random() < 0.35:
             text = f"{text} {rng.choice(STYLES)}"
         messages: list[dict[str, str]] = [{"role": "user", "content": text}]
-        if rng.random() < 0.15:
+        if rng.random() < 0.3:
             messages.insert(0, {"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
         result.append(Instruction(tuple(messages), category))
         if n is not None and len(result) >= n:
@@ -341,8 +472,11 @@ def make_instructions(seed: int, n: int | None = None) -> list[Instruction]:
 def derive_instructions(pairs: list[tuple[Instruction, str]], seed: int, n: int) -> list[Instruction]:
     """Up to n instructions built on earlier answers: summarise, rewrite, or a follow-up chat turn.
 
-    `pairs` are (instruction, answer text). Answers shorter than 40 words are skipped, and so is
-    any derived instruction sharing text with the held-out prompts (answers are model text).
+    `pairs` are (instruction, answer text). Summaries ask for varied lengths of the answer as it is
+    or as plain prose; follow-up chats keep the whole answer or only its first sentences as the
+    assistant turn (as in chats people write), with a system prompt now and then. Answers shorter
+    than 40 words are skipped, and so is any derived instruction sharing text with the held-out
+    prompts (answers are model text).
     """
     rng = random.Random(seed + 1)
     usable = [(ins, ans.strip()) for ins, ans in pairs if len(ans.split()) >= 40]
@@ -352,14 +486,23 @@ def derive_instructions(pairs: list[tuple[Instruction, str]], seed: int, n: int)
     for i, (instruction, answer) in enumerate(usable[:n]):
         kind = i % 3
         if kind == 0:
-            messages = ({"role": "user", "content": f"{rng.choice(SUMMARY_INSTRUCTIONS)}\n\n{answer}"},)
+            if rng.random() < 0.5:
+                ask = rng.choice(PROSE_SUMMARY_INSTRUCTIONS).format(k=rng.choice(["two", "three", "2", "3", "four"]))
+                messages = ({"role": "user", "content": f"{ask}\n\n{_prose(answer)}"},)
+            else:
+                messages = ({"role": "user", "content": f"{rng.choice(SUMMARY_INSTRUCTIONS)}\n\n{answer}"},)
             category = "summarisation"
         elif kind == 1:
-            messages = ({"role": "user", "content": f"{rng.choice(REWRITE_INSTRUCTIONS)}\n\n{answer}"},)
+            passage = _prose(answer) if rng.random() < 0.5 else answer
+            messages = ({"role": "user", "content": f"{rng.choice(REWRITE_INSTRUCTIONS)}\n\n{passage}"},)
             category = "rewriting"
         else:
-            messages = instruction.messages + ({"role": "assistant", "content": answer},
-                                               {"role": "user", "content": rng.choice(FOLLOW_UPS)})
+            reply = _first_sentences(answer, rng.choice([2, 3])) if rng.random() < 0.6 else answer
+            turns = tuple(m for m in instruction.messages if m["role"] != "system")
+            if rng.random() < 0.35:
+                turns = ({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)},) + turns
+            messages = turns + ({"role": "assistant", "content": reply},
+                                {"role": "user", "content": rng.choice(FOLLOW_UPS)})
             category = "chat"
         if not any(_shingles(m["content"]) & held for m in messages):
             result.append(Instruction(messages, category))

@@ -412,11 +412,14 @@ def _final_stats(head, lm_head, embed, train: Sequences, val: Sequences, plan: T
     val_batches = [val.batch(b) for b in epoch_batches(val.lengths, plan.optim.batch_tokens, plan.seed, 10**6)]
     val_top1 = evaluate(head, lm_head, embed, val_batches, n_steps) if val.n_sequences else []
     recent = history[-20:]
+    window = max(1, min(5, len(history) // 4))  # mean loss of the first and the last few steps
     return {
         "steps": step, "planned_steps": total, "epochs": round(step / max(1, len(schedule.epoch(0))), 2),
         "train_tokens": train.n_tokens, "val_tokens": val.n_tokens,
         "train_top1": [round(float(np.mean([h["top1"][s] for h in recent])), 3) for s in range(n_steps)] if recent else [],
         "val_top1": [round(v, 3) for v in val_top1],
+        "loss_start": round(float(np.mean([h["loss"][0] for h in history[:window]])), 4) if history else None,
+        "loss_end": round(float(np.mean([h["loss"][0] for h in history[-window:]])), 4) if history else None,
         "loss": _loss_dict(plan.loss),
     }
 

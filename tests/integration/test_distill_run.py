@@ -13,9 +13,11 @@ from safetensors.torch import load_file
 
 import engine.distill as distill
 import engine.distill_train as distill_train
+from engine.distill_train import OptimConfig
 from engine import heads
 from engine.distill import DistillConfig, run_distill
 from engine.draft import DraftError, HeadDrafter, LookupDrafter, load_eagle_head
+from engine.config import SessionConfig
 from engine.session import Engine, EngineSpec
 from tests.tiny_models import make_tiny_llama_dir
 
@@ -28,7 +30,8 @@ EAGLE1_KEYS = {"fc.weight", "fc.bias", "layers.0.self_attn.q_proj.weight", "laye
 
 def _config(model: Path, out: Path, **kwargs) -> DistillConfig:
     settings = dict(model=str(model), out=out, tokens=1200, epochs=2, seed=0, batch_size=8, max_new_tokens=16,
-                    val_every=5, show_bars=False, checkpoint_every_s=0.0)
+                    val_every=5, show_bars=False, checkpoint_every_s=0.0,
+                    optim=OptimConfig(lr=3e-3, warmup_steps=2, batch_tokens=256))
     settings.update(kwargs)
     return DistillConfig(**settings)
 
@@ -57,6 +60,21 @@ def test_distill_writes_an_eagle1_head_for_its_target(tiny):
     assert meta["training"]["steps"] == stats["steps"] > 0 and meta["training"]["generated_tokens"] >= 1200
     head = load_eagle_head(out, torch.float32, model)
     assert head.config.hidden_size == 64
+    assert stats["loss_end"] < stats["loss_start"]  # it learned something
+
+
+def test_distilled_head_drafts_trees_and_keeps_greedy_output(tiny):
+    model, out, _ = tiny
+    config = SessionConfig(strategy="chunk", max_new_tokens=12)
+    prompt = [5, 17, 42, 9, 77, 3]
+    with Engine(EngineSpec(str(model), in_process=True, draft=f"head:{out}")) as engine:
+        assert isinstance(engine.drafter, HeadDrafter)
+        with_head = engine.generate(prompt, config)
+        tree = engine.drafter.draft(topk=4, depth=3, budget=12, order="score")
+    with Engine(EngineSpec(str(model), in_process=True, draft="lookup")) as engine:
+        with_lookup = engine.generate(prompt, config)
+    assert with_head.token_ids == with_lookup.token_ids and len(with_head.token_ids) == 12
+    assert with_head.verifications >= 1 and len(tree) == 13 and 1 <= tree.depth.max() <= 3
 
 
 def test_same_seed_gives_identical_weights(tiny, tmp_path):
@@ -160,3 +178,17 @@ def test_shipped_head_loads_against_smollm2_and_is_listed(capsys):
     assert main(["models"]) == 0
     listing = capsys.readouterr().out
     assert str(SHIPPED) in listing and "used by default for: smollm2-135m" in listing
+
+
+@needs_smollm2
+def test_shipped_head_drafts_well_on_heldout_prompts():
+    """A floor that catches a broken head (the quality target is measured by `flowspec distill --eval`)."""
+    from engine.prompts import load_prompts
+
+    prompts = [p for p in load_prompts("heldout") if p.category in ("code", "qa")][::2]
+    lengths = []
+    with Engine(EngineSpec("smollm2-135m", n_stages=1, in_process=True, draft=f"head:{SHIPPED}")) as engine:
+        for prompt in prompts:
+            ids = engine.encode(prompt.chat_messages())
+            lengths += engine.generate(ids, SessionConfig(strategy="chunk", max_new_tokens=48)).accepted_lengths
+    assert len(prompts) == 2 and sum(lengths) / len(lengths) > 1.5
