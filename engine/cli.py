@@ -118,6 +118,9 @@ def session_config(args, strategy: str) -> SessionConfig:
     sampling = SamplingConfig(getattr(args, "temperature", 0.0), None, getattr(args, "seed", 0))
     return SessionConfig(strategy=strategy, max_new_tokens=args.max_new_tokens, speculation=spec, sampling=sampling)
 
+    dis.add_argument("--eval-depth", type=int, default=5,
+                     help="--eval: draft levels below the root (the engine's default is 5; "
+                     "what the EAGLE papers call depth 5 is 6 here)")
 
 def cmd_generate(args) -> int:
     from engine.session import Engine, TextStream
@@ -228,7 +231,8 @@ def cmd_distill(args) -> int:
     if args.eval:
         from engine.distill_eval import evaluate_head, format_report
 
-        report = evaluate_head(args.model, Path(args.eval), args.eval_prompts, args.eval_max_new_tokens, say)
+        report = evaluate_head(args.model, Path(args.eval), args.eval_prompts, args.eval_max_new_tokens, say,
+                               args.eval_depth)
         print(json.dumps(report, indent=1) if args.json else format_report(report))
         return 0
     from engine.distill import DistillConfig, run_distill

@@ -24,12 +24,12 @@ logger = logging.getLogger(__name__)
 TOP1_STEPS = 5
 
 
-def _run(model: str, draft: str, prompts, max_new_tokens: int, say: Callable[[str], None]):
-    from engine.config import SessionConfig
+def _run(model: str, draft: str, prompts, max_new_tokens: int, say: Callable[[str], None], depth: int = 5):
+    from engine.config import SessionConfig, SpeculationConfig
     from engine.session import Engine, EngineSpec
 
     rows, answers = [], []
-    config = SessionConfig(strategy="chunk", max_new_tokens=max_new_tokens)
+    config = SessionConfig(strategy="chunk", max_new_tokens=max_new_tokens, speculation=SpeculationConfig(depth=depth))
     with Engine(EngineSpec(model, n_stages=1, in_process=True, draft=draft)) as engine:
         for prompt in prompts:
             ids = engine.encode(prompt.text_or_messages if prompt.raw else prompt.chat_messages(), raw=prompt.raw)
@@ -71,15 +71,19 @@ def teacher_forced_top1(model_path: Path, head_dir: Path, answers: list[tuple[li
 
 
 def evaluate_head(model: str, head_dir: Path, prompts: str = "heldout", max_new_tokens: int = 128,
-                  progress: Callable[[str], None] | None = None) -> dict:
-    """Head vs prompt lookup on a prompt set; returns per-prompt rows and overall numbers."""
+                  progress: Callable[[str], None] | None = None, depth: int = 5) -> dict:
+    """Head vs prompt lookup on a prompt set; returns per-prompt rows and overall numbers.
+
+    `depth` is the number of draft levels below the root (the engine's default is 5; the EAGLE
+    papers' "depth d" drafts d + 1 levels, so their depth 5 is depth=6 here).
+    """
     from engine.models import resolve_model
     from engine.prompts import load_prompts
 
     say = progress or (lambda text: logger.info("%s", text))
     prompt_set = load_prompts(prompts)
-    head_rows, answers, drafter = _run(model, f"head:{Path(head_dir).resolve()}", prompt_set, max_new_tokens, say)
-    lookup_rows, _, _ = _run(model, "lookup", prompt_set, max_new_tokens, say)
+    head_rows, answers, drafter = _run(model, f"head:{Path(head_dir).resolve()}", prompt_set, max_new_tokens, say, depth)
+    lookup_rows, _, _ = _run(model, "lookup", prompt_set, max_new_tokens, say, depth)
     top1 = teacher_forced_top1(resolve_model(model).path, Path(head_dir), answers)
 
     def overall(rows):
@@ -91,7 +95,8 @@ def evaluate_head(model: str, head_dir: Path, prompts: str = "heldout", max_new_
                    "lookup_verifications": lk["verifications"]} for h, lk in zip(head_rows, lookup_rows)]
     head_all, lookup_all = overall(head_rows), overall(lookup_rows)
     return {
-        "prompts": prompts, "max_new_tokens": max_new_tokens, "strategy": "chunk", "tree": "top-k 10, depth 5, 80 drafts",
+        "prompts": prompts, "max_new_tokens": max_new_tokens, "strategy": "chunk",
+        "tree": f"top-k 10, depth {depth}, 80 drafts",
         "drafter": drafter, "per_prompt": per_prompt,
         "head_mean_accepted_length": head_all, "lookup_mean_accepted_length": lookup_all,
         "head_mean_of_prompt_means": round(float(np.mean([r["head"] for r in per_prompt])), 3),
