@@ -58,8 +58,8 @@ def test_frozen_agent_is_found_pairs_and_runs_a_stage(tmp_path):
             assert seen is not None, "the frozen agent was not found by mDNS on 127.0.0.1"
             assert seen.address == agent.address
         paired = pair(agent.address, agent.code, keys)
-        caps = hello(agent.address, keys, paired.server_key)
-        assert caps.memory_total > 0
+        caps = hello(agent.address, keys, paired.public_key)
+        assert caps.memory_total > 0 and caps.agent_id == paired.agent_id == seen.agent_id
         layout = tmp_path / "frozen.toml"
         layout.write_text(f'model = "{model}"\nn_layers = 4\n[[stage]]\ndevice = "{agent.address}"\nlayers = [0, 4]\n')
         env = dict(os.environ, FLOWSPEC_CLIENT_DIR=str(client), PYTHONPATH=str(REPO_ROOT))
