@@ -62,7 +62,38 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.agent_cli import add_parsers as _add_agent_parsers
 
     _add_agent_parsers(sub)
+    _add_bench_parser(sub)
     return parser
+
+
+def _add_bench_parser(sub) -> None:
+    b = sub.add_parser("bench", help="measure the strategies and Hugging Face peers on the same prompts, interleaved",
+                       description="Run every strategy (and the Hugging Face peers) on the same prompts, interleaved, "
+                       "and write results.json, results.md and PNG plots to --out. Comma-separated --stages, "
+                       "--link-mbps, --depths and --prompt-lengths sweep those settings.")
+    b.add_argument("--model", default="smollm2-135m", help="built-in name, HF directory, .gguf file or cached repo id")
+    b.add_argument("--draft", default=None, help="lookup | head:PATH | a draft model reference (default: the "
+                   "matching installed draft head, else lookup); a draft model also adds the hf-draft peer")
+    b.add_argument("--strategies", default=",".join(STRATEGIES))
+    b.add_argument("--peers", default=None, help="hf,hf-lookup[,hf-draft] or none (default: hf,hf-lookup, plus "
+                   "hf-draft when --draft is a model)")
+    b.add_argument("--stages", default="4", help="stage count, or a comma-separated sweep such as 1,2,4,8")
+    b.add_argument("--link-mbps", default=None, help="emulated bandwidth per hop, or a sweep such as 125,250,500,1000")
+    b.add_argument("--link-latency-ms", type=float, default=0.0, help="emulated latency per hop (ms)")
+    b.add_argument("--depths", default="5", help="draft depth, or a sweep such as 3,5,7")
+    b.add_argument("--prompt-lengths", default=None, help="pad every prompt with context to these token counts, "
+                   "e.g. 64,256,1024 (default: the prompts as written)")
+    b.add_argument("--prompts", default="quick", help="a prompt set name or a .jsonl file")
+    b.add_argument("--max-new-tokens", type=int, default=128)
+    b.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    b.add_argument("--repeats", type=int, default=1)
+    b.add_argument("--topk", type=int, default=10, help="draft tree: children per node")
+    b.add_argument("--tree-budget", type=int, default=80, help="draft tree: draft tokens in a round's first tree")
+    b.add_argument("--segment-max", type=int, default=16, help="largest first-round segment")
+    b.add_argument("--out", default="bench-results", help="folder for results.json, results.md and the plots")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_distill_parser(sub) -> None:
@@ -251,6 +282,20 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from engine.bench import config_from_args, run_bench
+
+    cfg = config_from_args(args)  # validates before any loading
+    results = run_bench(cfg, bar=not args.no_progress)
+    for name, row in results["medians"].items():
+        speedup = row.get("speedup_vs_chunk")
+        print(f"{name:<10} {row['tokens_per_s']:7.2f} tok/s"
+              + (f"  {speedup:5.2f}x chunk" if speedup is not None else "")
+              + (f"  accepted {row['mean_accepted_length']:.2f}" if row["mean_accepted_length"] is not None else ""))
+    print(f"results in {cfg.out}/results.json, results.md and {len(results['plots'])} plot(s)", file=sys.stderr)
+    return 0
+
+
 def cmd_check(args) -> int:
     from engine.check import run_check
 
@@ -262,9 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    commands = {"generate": cmd_generate, "models": cmd_models, "check": cmd_check, "distill": cmd_distill}
+    commands = {"generate": cmd_generate, "models": cmd_models, "check": cmd_check, "distill": cmd_distill,
+                "bench": cmd_bench}
     from engine.agent_cli import cmd_devices, cmd_pair
 
     commands.update(devices=cmd_devices, pair=cmd_pair)

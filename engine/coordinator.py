@@ -95,6 +95,8 @@ class Result:
     stopped_by: str = "max_new_tokens"
     coordinator_s: float = 0.0  # D0's own work (verify, prune, draft, send), no stage forwards
     draft_s: float = 0.0  # of which drafting
+    ring_slots: int = 1  # segments the coordinator keeps in flight at most
+    in_flight: float = 0.0  # mean non-empty segments in flight when a decode segment came back
 
     @property
     def mean_accepted_length(self) -> float:
@@ -135,7 +137,7 @@ class Coordinator:
         self.planned: list[int] = []
         self.hidden_rows: list[torch.Tensor] = []
         self.prefill_left = 0
-        self.stats = dict(verifications=0, rounds=0, turns=0)
+        self.stats = dict(verifications=0, rounds=0, turns=0, decode_turns=0, in_flight=0)
         self.accepted_lengths: list[int] = []
         self.busy0 = self.ring.stage_busy_s()
         self.t0 = time.perf_counter()
@@ -175,6 +177,8 @@ class Coordinator:
         if self.prefill_left:
             self._on_prefill(tensors[0])
         else:
+            self.stats["decode_turns"] += 1
+            self.stats["in_flight"] += sum(f.end > f.start for f in self.flights)
             self._on_segment(msg, tensors[0])
 
     def generate(self, prompt_ids: list[int]) -> Result:
@@ -189,7 +193,8 @@ class Coordinator:
         return Result(list(self.out), self.prompt_len, seconds, self.ttft, self.stats["verifications"],
                       self.stats["rounds"], self.stats["turns"], list(self.accepted_lengths),
                       [b / seconds if seconds > 0 else 0.0 for b in busy], self.stopped_by,
-                      self.coordinator_s, self.draft_s)
+                      self.coordinator_s, self.draft_s, self.slots,
+                      self.stats["in_flight"] / max(self.stats["decode_turns"], 1))
 
     # --- prefill
 
