@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mdns", action="store_true", help="do not browse mDNS; add agents by host:port")
     p.add_argument("--no-discovery", action="store_true", help="no agents at all: local worker processes only")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--diagnose", type=float, default=None, metavar="SECONDS",
+                   help="start as usual, print the devices found for SECONDS, then close (checks an install)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -69,11 +71,32 @@ def main(argv: list[str] | None = None) -> int:
     window.show()
     logger.info("window shown in %.2f s", time.monotonic() - t0)
     QTimer.singleShot(0, window.start)
+    if args.diagnose is not None:
+        _diagnose(window, args.diagnose, time.monotonic() - t0)
     _close_on_signals(window)
     code = app.exec()
     del window  # widgets go before the QApplication, or Qt's teardown may crash
     gc.collect()
     return code
+
+
+def _diagnose(window, seconds: float, shown_s: float) -> None:
+    """Print what a user would check first (the window came up, which devices were found), then close."""
+    from PySide6.QtCore import QTimer
+
+    print(f"window shown in {shown_s:.2f} s", flush=True)
+    printed: set[tuple[str, str, str]] = set()
+
+    def report(devices) -> None:
+        for d in devices:
+            row = (d.name, d.address, d.state)
+            if row not in printed:
+                printed.add(row)
+                print(f"device {d.name} at {d.address}: {d.state}", flush=True)
+
+    if window.agents is not None:
+        window.agents.sig_devices_changed.connect(report)
+    QTimer.singleShot(int(seconds * 1000), window.close)
 
 
 def _close_on_signals(window) -> None:
