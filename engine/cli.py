@@ -114,6 +114,8 @@ def _add_distill_parser(sub) -> None:
     dis.add_argument("--keep-work", action="store_true", help="keep the generated data and checkpoints afterwards")
     dis.add_argument("--batch-size", type=int, default=32, help="generation batch size")
     dis.add_argument("--max-new-tokens", type=int, default=256, help="longest generated answer")
+    dis.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; "
+                     "1 is faster on a machine busy with other work)")
     dis.add_argument("--eval", default=None, metavar="DIR",
                      help="evaluate the head in DIR instead of training: mean accepted length vs prompt lookup and top-1")
     dis.add_argument("--eval-prompts", default="heldout", help="prompt set or .jsonl file for --eval")
@@ -273,11 +275,17 @@ def cmd_distill(args) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     if args.minutes is not None and args.minutes <= 0:
         raise ConfigError(f"--minutes must be positive (got {args.minutes})")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be at least 1 (got {args.threads})")
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else _default_head_dir(args.model)
     config = DistillConfig(model=args.model, out=out, tokens=args.tokens, epochs=args.epochs, seed=args.seed,
                            minutes=args.minutes, work=Path(args.work) if args.work else None, keep_work=args.keep_work,
                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    run_distill(config, resume=args.resume, progress=say)
+    run_distill(config, resume=args.resume, progress=say, command=" ".join(["flowspec", *sys.argv[1:]]))
     say(f"draft head written to {out}; use it with --draft head:{out}")
     return 0
 

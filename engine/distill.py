@@ -134,8 +134,12 @@ def _save_state(cfg: DistillConfig, state: dict, clock: Clock) -> None:
     tmp.replace(cfg.work_dir / "state.json")
 
 
-def run_distill(cfg: DistillConfig, *, resume: bool = False, progress: Progress | None = None) -> dict:
-    """Run (or resume) every phase and write the head to cfg.out; returns the training stats."""
+def run_distill(cfg: DistillConfig, *, resume: bool = False, progress: Progress | None = None,
+                command: str | None = None) -> dict:
+    """Run (or resume) every phase and write the head to cfg.out; returns the training stats.
+
+    `command` (the command line, if any) is recorded in the head's config with the phase times.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.models import resolve_model
@@ -150,10 +154,10 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, progress: Progress 
             model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch.bfloat16).eval()
             if state["phase"] == "generate":
                 _generate(cfg, state, clock, model, tokenizer, say)
-                state["phase"] = "features"
+                state["phase"], state["generate_done_s"] = "features", clock.used()
                 _save_state(cfg, state, clock)
             _features(cfg, model, say)
-            state["phase"] = "train"
+            state["phase"], state["features_done_s"] = "train", clock.used()
             _save_state(cfg, state, clock)
             del model
         train, val = load_sequences(cfg.work_dir / "feat", cfg.val_every)
@@ -165,6 +169,12 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, progress: Progress 
                                  lambda: _save_state(cfg, state, clock), say)
     stats.update(minutes=round(clock.used() / 60, 2), generated_tokens=state["generated_tokens"],
                  sequences=train.n_sequences + val.n_sequences, seed=cfg.seed)
+    if "generate_done_s" in state and "features_done_s" in state:
+        marks = (0.0, state["generate_done_s"], state["features_done_s"], clock.used())
+        stats["phase_minutes"] = {name: round((b - a) / 60, 2)
+                                  for name, a, b in zip(("generate", "features", "train"), marks, marks[1:])}
+    if command:
+        stats["command"] = command
     save_head(head, resolved, cfg.out, stats)
     state["phase"] = "done"
     _save_state(cfg, state, clock)

@@ -61,6 +61,7 @@ def test_distill_writes_an_eagle1_head_for_its_target(tiny):
     head = load_eagle_head(out, torch.float32, model)
     assert head.config.hidden_size == 64
     assert stats["loss_end"] < stats["loss_start"]  # it learned something
+    assert set(meta["training"]["phase_minutes"]) == {"generate", "features", "train"}
 
 
 def test_distilled_head_drafts_trees_and_keeps_greedy_output(tiny):
