@@ -233,6 +233,9 @@ class Agent:
         if isinstance(msg, wire.Profile):
             from agent.profile import profile
 
+            if self.stage is not None:  # profiling would steal the stage's compute and stall heartbeats
+                return wire.CommandFailed(f"busy: hosting {self.stage_text}; profile before loading a stage")
+
             return profile(msg, self.state.path)
         return wire.CommandFailed(f"{type(msg).__name__} is not a command for the agent's control socket")
 
