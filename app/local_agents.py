@@ -52,6 +52,14 @@ def _ports_free(port: int) -> bool:
     return True
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the app dies, so no local agent outlives the app."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class LocalAgents:
     """Starts, pairs and stops local agents. Not thread-safe: use from one thread."""
 
@@ -87,7 +95,8 @@ class LocalAgents:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(_REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
         command = [sys.executable, "-m", "agent", "--name", name, "--port", str(port), "--bind", "127.0.0.1",
                    "--no-mdns", "--state-dir", str(state)]
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, env=env, text=True,
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         self._procs.append(proc)
         deadline = time.monotonic() + START_TIMEOUT_S
         lines = []

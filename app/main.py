@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import signal
 import sys
 import time
@@ -57,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.local_agents < 0 or args.local_workers < 1:
         print("flowspec-studio: --local-agents must be 0 or more and --local-workers at least 1", file=sys.stderr)
+        return 2
+    if sys.platform == "linux" and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+                                        or os.environ.get("QT_QPA_PLATFORM")):
+        print("flowspec-studio: no display found (DISPLAY and WAYLAND_DISPLAY are unset). Run it in a desktop "
+              "session, over `ssh -X`, or set QT_QPA_PLATFORM=offscreen to run it without showing the window.",
+              file=sys.stderr)
         return 2
     t0 = time.monotonic()
     from PySide6.QtCore import QTimer

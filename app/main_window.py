@@ -51,6 +51,7 @@ class MainWindow(QMainWindow):
         self.plan: EnginePlan | None = None
         self._local_devices: tuple[DeviceInfo, ...] = tuple(devices)
         self._agent_devices: tuple[DeviceInfo, ...] = ()
+        self.local_agent_pids: tuple[int, ...] = ()
         self.device_model = DeviceListModel(self)
         self.layout_model = LayoutModel(self)
         self.devices_panel = DevicePanel(self.device_model)
@@ -188,6 +189,7 @@ class MainWindow(QMainWindow):
             self.bridge.pair(device.address, code)
 
     def _on_local_agents_started(self, agents) -> None:
+        self.local_agent_pids = tuple(agent.pid for agent in agents)
         for agent in agents:
             self.agents.add(agent.address)
         self.devices_panel.set_message(f"{len(agents)} local agents started on 127.0.0.1 and paired.")
