@@ -169,3 +169,25 @@ def _refusal_raw(model, qtbot) -> str:
     with qtbot.waitSignal(model.sig_drop_refused, timeout=1000) as refused:
         assert not model.dropMimeData(model.range_mime_data(0, 6), Qt.DropAction.MoveAction, -1, 0, QModelIndex())
     return refused.args[0]
+
+
+def test_clicks_select_a_stage_and_shift_click_picks_layers(qtbot, model):
+    from PySide6.QtTest import QTest
+
+    editor = LayoutEditor(model)
+    qtbot.addWidget(editor)
+    editor.resize(1000, 400)
+    editor.show()
+    qtbot.waitExposed(editor)
+    canvas = editor.canvas
+    selections = []
+    canvas.sig_selection_changed.connect(selections.append)
+    QTest.mouseClick(canvas, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier, canvas.cell_center(0, 2))
+    assert selections[-1] == (0, 6)  # the whole stage
+    QTest.mouseClick(canvas, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier, canvas.cell_center(1, 8))
+    assert selections[-1] == (6, 12)
+    canvas._set_selection((1, 8, 9))  # one layer picked
+    QTest.mouseClick(canvas, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.ShiftModifier, canvas.cell_center(1, 10))
+    assert selections[-1] == (8, 11)
+    QTest.mouseClick(canvas, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier, canvas.cell_center(2, 3))
+    assert selections[-1] is None  # an empty cell clears the selection
