@@ -62,6 +62,8 @@ class LayoutModel(QAbstractTableModel):
 
     def set_devices(self, devices: Sequence[DeviceInfo]) -> None:
         """Lanes follow the device list; a device running a stage keeps its lane even when lost."""
+        if tuple(devices) == self._devices:
+            return
         self.beginResetModel()
         self._devices = tuple(devices)
         self.endResetModel()

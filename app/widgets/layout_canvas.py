@@ -43,6 +43,7 @@ class LayoutCanvas(QWidget):
         self._press_target: dict | None = None
         self._selection: tuple[int, int, int] | None = None  # (lane, start, end)
         self._hover_drop: tuple[int, int] | None = None  # (lane, column) under a drag
+        self._drawn_layout = None
         model.modelReset.connect(self._on_model_reset)
 
     def sizeHint(self) -> QSize:
@@ -249,7 +250,9 @@ class LayoutCanvas(QWidget):
         self.update()
 
     def _on_model_reset(self) -> None:
-        self._selection = None
+        if self.model.layout != self._drawn_layout:  # device updates (memory, state) keep the selection
+            self._selection = None
+            self._drawn_layout = self.model.layout
         self.setMinimumHeight(self.sizeHint().height())
         self.updateGeometry()
         self.update()

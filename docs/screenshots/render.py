@@ -63,12 +63,13 @@ def main() -> int:
     window.generation.max_tokens.setValue(120)
     window.chat.prompt.setPlainText(PROMPT)
     window.chat.send_button.click()
-    wait_for(lambda: len(window.chat.messages[-1].pieces) > 25, 300, "the answer to start")
+    wait_for(lambda: len(window.chat.messages[-1].pieces) > 12 or not window.chat._generating, 600,
+             "the answer to start")
     save(window, "studio-generating.png")
-    wait_for(lambda: not window.chat._generating, 300, "the answer to finish")
+    wait_for(lambda: not window.chat._generating, 900, "the answer to finish")
     window.chat.prompt.setPlainText("Now say it in one sentence for a child.")
     window.chat.send_button.click()
-    wait_for(lambda: not window.chat._generating, 300, "the second answer")
+    wait_for(lambda: not window.chat._generating, 900, "the second answer")
     save(window, "studio-answer.png")
 
     # a refused drop: stage 1's layers dropped onto the other lane, shifted by three columns
@@ -82,7 +83,8 @@ def main() -> int:
     pids = list(window.local_agent_pids)
     window.chat.prompt.setPlainText("List five colours of the rainbow and one fact about each.")
     window.chat.send_button.click()
-    wait_for(lambda: len(window.chat.messages[-1].pieces) > 10, 300, "the third answer to start")
+    wait_for(lambda: len(window.chat.messages[-1].pieces) > 6 or not window.chat._generating, 600,
+             "the third answer to start")
     if pids:
         os.kill(pids[-1], signal.SIGKILL)
         wait_for(lambda: window.banner.isVisible(), 60, "the stage-loss banner")

@@ -139,3 +139,21 @@ def test_a_setting_of_the_wrong_type_falls_back_to_its_default(tmp_path):
     settings = load_settings()
     assert settings.model == "" and settings.chat.temperature == 0.0
     assert settings.chat.max_new_tokens == 64 and settings.chat.topk == 10
+
+
+def test_agent_states_and_load_progress_lines():
+    from app.agents import to_device_info
+    from app.worker import _stage_fraction
+    from engine.discovery import Device
+
+    base = Device("ag-1", "10.0.0.5:5555", "mdns", "ag-1", "jetson", paired=True, memory_total=8, memory_free=4,
+                  accelerator="CUDA", torch_device="cuda:0")
+    assert to_device_info(base).state == "online" and to_device_info(base).accelerator == "CUDA (cuda:0)"
+    assert to_device_info(Device("10.0.0.6:5555", "10.0.0.6:5555", "manual")).state == "unpaired"
+    from dataclasses import replace
+
+    assert to_device_info(replace(base, stage="layers 0-14")).state == "busy"
+    assert to_device_info(replace(base, online=False)).state == "lost"
+    assert _stage_fraction("stage 1/2 on a at b (layers 0-14): weights 5.0/10.0 MiB") == pytest.approx(0.45)
+    assert _stage_fraction("stage 1/2 on a at b (layers 0-14) ready in 1.0 s") == 1.0
+    assert _stage_fraction("stage 2/2: loading layers 4-7 ...") == 0.4
