@@ -91,7 +91,7 @@ class MainWindow(QMainWindow):
         self.main_splitter.addWidget(top)
         self.main_splitter.addWidget(bottom)
         self.main_splitter.setStretchFactor(1, 1)
-        self.main_splitter.setSizes([330, 670])
+        self.main_splitter.setSizes([300, 700])
         self.splitters = (self.main_splitter, top, bottom)
         self.setCentralWidget(self.main_splitter)
         self.resize(1600, 1000)
@@ -256,11 +256,13 @@ class MainWindow(QMainWindow):
         text = {"loading": "Loading", "ready": "Ready", "generating": "Generating", "lost": "Stage lost",
                 "error": "Error", "idle": "Idle", "closed": "Closed"}[state.state]
         self.state_label.setText(f"{text}{': ' + state.message if state.message else ''}")
-        if state.state in ("idle", "error"):
-            self.editor.end_loading(False, state.message or text)
+        if state.state == "error" or (state.state == "idle" and self.editor.cancel_button.isVisible()):
+            self.editor.end_loading(False, state.message or text, "error" if state.state == "error" else "info")
             self.chat.set_ready(False, state.message)
-        if state.state == "ready":
+        elif state.state == "ready":
             self.chat.set_generating(False)
+        elif state.state == "generating":
+            self.chat.set_generating(True)
 
     def _on_layout_file_changed(self, path: str) -> None:
         self.settings = replace(self.settings, last_layout_path=path)

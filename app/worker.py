@@ -140,7 +140,9 @@ class _EngineWorker(QObject):
             self._session.submit(prompt, config)
         except Exception as error:  # boundary: a refused prompt (too long, a request running) is shown
             logger.exception("submit failed")
-            if type(error).__name__ == "StageLost":  # the ring broke while idle (an agent went away)
+            # the ring broke while idle (an agent went away); matched by name: the app does not import
+            # the coordinator (see the import contract in pyproject.toml)
+            if type(error).__name__ == "StageLost":
                 self._report_lost(self._lost_stage(str(error)), str(error), None)
             else:
                 self.sig_engine_error.emit(str(error))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelIndex, Qt
-from PySide6.QtGui import QColor
+from PySide6.QtGui import QColor, QPainter, QPixmap
 
 from app.devices import DeviceInfo, format_bytes
 from app.widgets.palette import BAD, MUTED, OK, WARN
@@ -15,6 +15,25 @@ STATE_COLOURS = {"online": OK, "busy": WARN, "lost": BAD, "unpaired": MUTED}
 DeviceRole = Qt.ItemDataRole.UserRole + 1
 
 AnyIndex = QModelIndex | QPersistentModelIndex
+
+
+_DOTS: dict[str, QPixmap] = {}
+
+
+def _dot(colour: QColor) -> QPixmap:
+    """A small filled circle in ``colour`` (the state badge)."""
+    key = colour.name()
+    if key not in _DOTS:
+        pixmap = QPixmap(10, 10)
+        pixmap.fill(QColor(0, 0, 0, 0))
+        painter = QPainter(pixmap)
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+        painter.setBrush(colour)
+        painter.setPen(QColor(0, 0, 0, 0))
+        painter.drawEllipse(1, 1, 8, 8)
+        painter.end()
+        _DOTS[key] = pixmap
+    return _DOTS[key]
 
 
 class DeviceListModel(QAbstractTableModel):
@@ -54,7 +73,7 @@ class DeviceListModel(QAbstractTableModel):
         if role == Qt.ItemDataRole.ForegroundRole and column == 2:
             return STATE_COLOURS.get(device.state, MUTED)
         if role == Qt.ItemDataRole.DecorationRole and column == 2:
-            return STATE_COLOURS.get(device.state, MUTED)
+            return _dot(STATE_COLOURS.get(device.state, MUTED))
         if role == Qt.ItemDataRole.ToolTipRole:
             return self._tooltip(device)
         if role == Qt.ItemDataRole.BackgroundRole and device.state == "lost":
@@ -70,7 +89,7 @@ class DeviceListModel(QAbstractTableModel):
         if column == 2:
             return device.state
         if column == 3:
-            total = f" / {format_bytes(device.memory_total)}" if device.memory_total else ""
+            total = f" of {format_bytes(device.memory_total)}" if device.memory_total else ""
             return f"{format_bytes(device.memory_free)}{total}"
         if column == 4:
             return device.accelerator

@@ -87,6 +87,7 @@ class ChartsPanel(QWidget):
         plot.setClipToView(True)
         plot.setDownsampling(mode="peak")
         plot.setLabel("left", unit)
+        plot.getAxis("left").enableAutoSIPrefix(False)
         plot.getAxis("bottom").setStyle(tickTextOffset=4)
         return plot
 

@@ -37,7 +37,7 @@ class DevicePanel(QWidget):
         self.table.setAlternatingRowColors(True)
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        header.setStretchLastSection(True)
         self.address = QLineEdit()
         self.address.setPlaceholderText("host:port of an agent")
         self.add_button = QPushButton("Add")

@@ -204,11 +204,11 @@ class LayoutEditor(QWidget):
         bar.setValue(int(progress.fraction * 100))
         bar.setFormat(f"%p% · {progress.message[:60]}")
 
-    def end_loading(self, ok: bool, message: str) -> None:
+    def end_loading(self, ok: bool, message: str, kind: str | None = None) -> None:
         self.apply_button.setEnabled(True)
         self.cancel_button.setVisible(False)
         self.progress_box.setVisible(False)
-        self.show_message(message, "ok" if ok else "error")
+        self.show_message(message, kind or ("ok" if ok else "error"))
 
     def bar_values(self) -> dict[int, int]:
         """Each stage's progress bar value (for tests and the status bar)."""
