@@ -24,6 +24,7 @@ import ctypes
 import gc
 import logging
 import queue
+import shutil
 import sys
 import threading
 import time
@@ -259,6 +260,14 @@ class Agent:
         installed = self.store.installed(msg.bundle) or self._local_model(msg)
         if installed is None:
             self.receiving = self.store.receive(msg)
+            missing = self.receiving.total - self.receiving.done
+            disk_free = shutil.disk_usage(self.store.root).free
+            if 2 * missing + self.receiving.total > disk_free:  # the parts, then the assembled file
+                self._unload("not enough disk")
+                return wire.StageFailed(msg.stage_index, (
+                    f"not enough disk on {self.config.name} for the stage's weights: {missing / 2**20:.0f} MiB "
+                    f"to receive and {self.receiving.total / 2**20:.0f} MiB to assemble, {disk_free / 2**20:.0f} MiB "
+                    f"free in {self.models_dir}; free space or start the agent with another --models-dir"))
             if not self.receiving.complete:
                 self.pending_host = msg
                 return wire.WeightsNeeded(msg.bundle, tuple(self.receiving.have))

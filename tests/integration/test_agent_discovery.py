@@ -58,11 +58,12 @@ def test_discovery_by_mdns_and_by_address(tmp_path):
             assert not seen.device.paired
             manual = wait_for(discovery.events, lambda e: isinstance(e, DeviceSeen) and e.device.source == "manual")
             assert manual.device.paired and manual.device.name == "manual-agent" and manual.device.memory_total > 0
-            assert {d.address for d in discovery.devices()} == {advertised.address, hidden.address}
+            ours = {advertised.address, hidden.address}  # other agents may be on loopback mDNS too
+            assert {d.address for d in discovery.devices()} >= ours
             assert advertised.stop() == 0  # SIGTERM: unregisters and exits cleanly
-            lost = wait_for(discovery.events, lambda e: isinstance(e, DeviceLost))
+            lost = wait_for(discovery.events, lambda e: isinstance(e, DeviceLost) and e.device.address in ours)
             assert lost.device.agent_id == seen.device.agent_id
-            assert [d.address for d in discovery.devices()] == [hidden.address]
+            assert {d.address for d in discovery.devices()} & ours == {hidden.address}
 
 
 def test_devices_and_pair_commands(tmp_path):
@@ -82,7 +83,7 @@ def test_generate_with_a_layout_of_two_agents_equals_local_smollm2(tmp_path):
     from engine.session import Engine, EngineSpec
 
     client = tmp_path / "client"
-    prompt, max_new = "Name three colours.", 24
+    prompt, max_new = "Name three colours.", 16
     with AgentProcess(tmp_path / "a", "left") as left, AgentProcess(tmp_path / "b", "right") as right:
         for agent in (left, right):
             pair(agent.address, agent.code, ClientKeys(client))

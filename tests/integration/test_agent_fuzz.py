@@ -25,8 +25,8 @@ from tests.integration.test_agent_ring import make_tiny
 
 pytestmark = pytest.mark.integration
 
-N_FRAMES = 3000
-N_SESSIONS = int(os.environ.get("FLOWSPEC_AGENT_SESSIONS", "8"))
+N_FRAMES = 2000
+N_SESSIONS = int(os.environ.get("FLOWSPEC_AGENT_SESSIONS", "5"))
 RSS_GROWTH_LIMIT = 40 * 2**20
 
 
@@ -93,6 +93,18 @@ def test_malformed_frames_leave_the_agent_serving(tmp_path):
             connection.close()
         caps = hello(agent.address, keys, paired.public_key, timeout_s=20)
         assert caps.agent_id == paired.agent_id and not caps.busy
+        connection = Connection(context, keys, agent.address, paired.public_key)  # and it still works
+        try:
+            config = (tmp_path / "config.json")
+            config.write_text('{"model_type": "llama", "vocab_size": 64, "hidden_size": 64, "intermediate_size": 128, '
+                              '"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2}')
+            ask = wire.Profile(config_json=config.read_text(), dtype="fp32", token_counts=(1, 32))
+            first = connection.request(ask, wire.ProfileResult, timeout_s=60)
+            again = connection.request(ask, wire.ProfileResult)
+        finally:
+            connection.close()
+        assert not first.cached and again.cached and again.ms_per_layer == first.ms_per_layer
+        assert first.token_counts == (1, 32) and all(ms > 0 for ms in first.ms_per_layer)
         assert agent.proc.poll() is None
         log = agent.log_text()
         assert answered[True] > 0 and answered[False] == 0  # not one Hello of the stranger's was parsed

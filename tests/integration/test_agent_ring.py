@@ -139,7 +139,7 @@ def test_private_key_is_private(three_agents):
 # --- liveness: these tests start their own agents
 
 
-def test_killed_agent_is_stage_lost_quickly_and_restarts_trusted(tmp_path, tiny, keys):
+def test_killed_agent_is_stage_lost_quickly_and_restarts_trusted(tmp_path, tiny, keys, capsys):
     a, b = AgentProcess(tmp_path / "a", "a"), AgentProcess(tmp_path / "b", "b")
     with a, b:
         pair(a.address, a.code, keys)
@@ -155,7 +155,10 @@ def test_killed_agent_is_stage_lost_quickly_and_restarts_trusted(tmp_path, tiny,
             with pytest.raises(StageLost, match="stage 2/2"):
                 while True:
                     c.step()
-            assert time.monotonic() - killed_at < STAGE_LOST_WITHIN_S
+            lost_after = time.monotonic() - killed_at
+            with capsys.disabled():
+                print(f"\nSIGKILL of an agent mid-generation -> StageLost after {lost_after:.2f} s")
+            assert lost_after < STAGE_LOST_WITHIN_S
         b.proc.wait(5)
         assert b.proc.returncode == -signal.SIGKILL
         restarted = AgentProcess(b.state_dir, "b", port=b.port)
@@ -199,13 +202,12 @@ def test_agent_frees_its_stage_when_the_client_disappears(tmp_path, tiny, keys):
 
 
 def test_weight_transfer_cut_in_the_middle_resumes(tmp_path, keys):
-    big = make_tiny(tmp_path / "bigger", hidden=256, intermediate=1024)  # ~3 MiB per layer
-    with AgentProcess(tmp_path / "a", "a") as a, AgentProcess(tmp_path / "b", "b") as b:
-        for agent in (a, b):
-            pair(agent.address, agent.code, keys)
-        bundle = stage_bundle(big.path, 0, 2)
-        host = wire.HostStage(model="bigger", bundle=bundle.bundle_id, start=0, end=2, dtype="fp32", stage_index=0,
-                              n_stages=2, next_endpoint="tcp://127.0.0.1:9", next_key=keys.public_key,
+    big = make_tiny(tmp_path / "bigger", hidden=128, intermediate=512)  # 0.8 MiB per layer
+    with AgentProcess(tmp_path / "a", "a") as a:
+        pair(a.address, a.code, keys)
+        bundle = stage_bundle(big.path, 0, 4)
+        host = wire.HostStage(model="bigger", bundle=bundle.bundle_id, start=0, end=4, dtype="fp32", stage_index=0,
+                              n_stages=1, next_endpoint="tcp://127.0.0.1:9", next_key=keys.public_key,
                               prev_key=keys.public_key, config_json=bundle.config_json, tensors=bundle.tensors)
         import zmq
 
@@ -222,10 +224,11 @@ def test_weight_transfer_cut_in_the_middle_resumes(tmp_path, keys):
         time.sleep(0.3)
         connection.close()  # the connection breaks after five chunks
         lines: list[str] = []
-        layout = [(a.address, 0, 2), (b.address, 2, 4)]
-        with AgentRing(str(big.path), big.path, layout, "fp32", keys, on_progress=lines.append) as ring:
+        with AgentRing(str(big.path), big.path, [(a.address, 0, 4)], "fp32", keys, on_progress=lines.append) as ring:
             assert coordinator(ring, big, "flowspec").generate(big.prompt).token_ids == big.expected
-        resumed = [line for line in lines if "stage 1/2" in line and f"resuming after {sent / 2**20:.1f} MiB" in line]
+        assert sent > 2**19
+        resumed = [line for line in lines if f"sending {(bundle.nbytes - sent) / 2**20:.1f} MiB of weights "
+                   f"(resuming after {sent / 2**20:.1f} MiB)" in line]
         assert resumed, "\n".join(lines)
         assert not list((a.state_dir / "models" / "bundles" / ".partial").iterdir())
 
