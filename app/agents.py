@@ -31,9 +31,12 @@ def to_device_info(device) -> DeviceInfo:
         state = "unpaired"
     else:
         state = "busy" if device.stage else "online"
-    accelerator = device.accelerator or "?"
-    if device.torch_device and device.torch_device not in accelerator:
-        accelerator = f"{accelerator} ({device.torch_device})"
+    if device.accelerator in ("", "none") and device.torch_device in ("", "cpu"):
+        accelerator = "CPU" if device.paired else "?"
+    else:
+        accelerator = device.accelerator or "?"
+        if device.torch_device and device.torch_device not in accelerator:
+            accelerator = f"{accelerator} ({device.torch_device})"
     return DeviceInfo(DeviceId(device.key), device.name or device.address, device.address, state,
                       device.memory_total, device.memory_free, accelerator, None, device.source)
 

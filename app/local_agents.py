@@ -68,12 +68,15 @@ class LocalAgents:
         self.first_port = first_port
         self._procs: list[subprocess.Popen] = []
         self._logs: list = []
+        self.threads = 1
 
     def start(self, n: int, on_progress=None) -> list[LocalAgent]:
         """Start ``n`` agents named local-1 .. local-N on 127.0.0.1 and pair this client with each."""
         from engine.agent_client import ClientKeys, pair
 
         keys = ClientKeys()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.threads = max(1, cores // max(1, n))  # the agents share this machine's cores
         agents, port = [], self.first_port
         for k in range(1, n + 1):
             while not _ports_free(port):
@@ -92,7 +95,9 @@ class LocalAgents:
         state.mkdir(parents=True, exist_ok=True)
         log = open(state / "agent.log", "a", encoding="utf-8")
         self._logs.append(log)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(_REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
+        threads = str(self.threads)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(_REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
+                   OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         command = [sys.executable, "-m", "agent", "--name", name, "--port", str(port), "--bind", "127.0.0.1",
                    "--no-mdns", "--state-dir", str(state)]
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, env=env, text=True,

@@ -214,7 +214,7 @@ class MainWindow(QMainWindow):
                 restored = self.layout_model.set_layout(Layout.from_text(self.settings.last_layout, "last layout"))
             except LayoutError as error:
                 logger.info("last layout not usable: %s", error)
-        if not restored:
+        if not restored and not self.local_agents:  # with local agents, _maybe_auto_apply suggests
             self.editor.suggest()
         if self.local_agents:
             self._maybe_auto_apply()

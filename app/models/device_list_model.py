@@ -89,8 +89,10 @@ class DeviceListModel(QAbstractTableModel):
         if column == 2:
             return device.state
         if column == 3:
-            total = f" of {format_bytes(device.memory_total)}" if device.memory_total else ""
-            return f"{format_bytes(device.memory_free)}{total}"
+            if not device.memory_total:
+                return format_bytes(device.memory_free) if device.memory_free else "?"
+            free, total = format_bytes(device.memory_free), format_bytes(device.memory_total)
+            return f"{free.split()[0]} / {total}" if free.split()[1] == total.split()[1] else f"{free} / {total}"
         if column == 4:
             return device.accelerator
         return f"{device.ms_per_layer:.2f} ms/layer" if device.ms_per_layer else "not measured"

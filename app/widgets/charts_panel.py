@@ -142,7 +142,12 @@ class ChartsPanel(QWidget):
         self.accept_curve.setData(x, accepted)
         mean = np.cumsum(accepted) / np.arange(1, accepted.size + 1) if accepted.size else accepted
         self.accept_mean.setData(x, mean)
-        self.ring_curve.setData(x, self.occupancy.values())
+        occupancy = self.occupancy.values()
+        self.ring_curve.setData(x, occupancy)
+        if occupancy.size:  # whole segments, from an empty ring up
+            self.ring_plot.setYRange(0, max(1.0, float(occupancy.max())) + 0.5, padding=0)
+        if accepted.size:
+            self.accept_plot.setYRange(0, max(2.0, float(accepted.max())) + 0.5, padding=0)
         n = len(self.stage_busy)
         self.busy_bars.setOpts(x=np.arange(1, n + 1), height=np.asarray(self.stage_busy, dtype=float), width=0.6,
                                brushes=[DEVICE_COLOURS[i % len(DEVICE_COLOURS)] for i in range(n)])
