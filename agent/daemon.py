@@ -4,7 +4,7 @@ Sockets (all CurveZMQ, all checked by one `engine.curve_auth.KeyGate`):
 
 - control ROUTER on PORT, ZAP domain "control": only paired clients' keys complete the handshake,
   so nothing from anyone else is ever parsed. Commands: Hello, StatusQuery, Profile, HostStage,
-  WeightChunk, Unload, Heartbeat, Shutdown.
+  WeightChunk, Unload, Heartbeat, Shutdown (acknowledged with Capabilities, then the agent exits).
 - pairing ROUTER on PORT + 2, domain "pair": its key pair derives from the pairing code, so only
   clients that know the code get through; a PairRequest makes the client's key trusted (persisted).
 - stage data PULL on PORT + 1, domain "data", owned by the StageHost thread; it accepts only the
@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL_S = 0.5
 CLIENT_TIMEOUT_S = 3.0
 POLL_MS = 100
+CLOSE_LINGER_MS = 500
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ class Agent:
             self.advertiser.close()
         for socket in (self.control, self.pairing):
             if socket is not None:
-                socket.close(linger=0)
+                socket.close(linger=CLOSE_LINGER_MS)  # long enough to deliver the Shutdown acknowledgement
         self.gate.stop()
         self.context.term()
 
@@ -230,7 +231,7 @@ class Agent:
         if isinstance(msg, wire.Shutdown):
             logger.info("shutting down at a client's request")
             self.stop()
-            return None
+            return self._capabilities()  # the acknowledgement; the agent exits after sending it
         if isinstance(msg, wire.Profile):
             from agent.profile import profile
 

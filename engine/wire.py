@@ -188,7 +188,8 @@ class Shutdown(_MessageBase, frozen=True):
 # --- Agents: control messages between a client (app or CLI) and `flowspec-agent`, over CurveZMQ.
 # Pairing socket: PairRequest -> PairAccepted. Control socket: Hello/StatusQuery -> Capabilities;
 # Profile -> ProfileResult; HostStage -> LoadProgress* [WeightsNeeded, WeightChunk*] StageReady |
-# StageFailed; Unload -> Capabilities; Heartbeat both ways; Shutdown; CommandFailed for refusals.
+# StageFailed; Unload -> Capabilities; Heartbeat both ways; Shutdown -> Capabilities (then the agent
+# exits); CommandFailed for refusals.
 
 MAX_CHUNK_BYTES = 512 * 1024  # weight bytes per WeightChunk; the header carries them (MAX_HEADER_BYTES)
 Sha256Hex = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]

@@ -13,7 +13,10 @@ import time
 
 import pytest
 
-from engine.agent_client import ClientKeys, pair
+import zmq
+
+from engine import wire
+from engine.agent_client import ClientKeys, Connection, pair
 from engine.discovery import DeviceLost, DeviceSeen, Discovery
 from tests.integration.agent_kit import REPO_ROOT, AgentProcess
 
@@ -76,6 +79,13 @@ def test_devices_and_pair_commands(tmp_path):
         assert agent.address in row and " mdns " in row and " yes " in row and "GiB" in row and "(cpu)" in row
         wrong = run_cli(["pair", agent.address, "AAAA-BBBB"], tmp_path / "client")
         assert wrong.returncode == 1 and "pairing with" in wrong.stderr
+        keys = ClientKeys(tmp_path / "client")
+        connection = Connection(zmq.Context.instance(), keys, agent.address, keys.find(agent.address).public_key)
+        try:
+            connection.request(wire.Shutdown(), wire.Capabilities)  # a paired client may stop the agent
+        finally:
+            connection.close()
+        assert agent.proc.wait(15) == 0
 
 
 def test_generate_with_a_layout_of_two_agents_equals_local_smollm2(tmp_path):

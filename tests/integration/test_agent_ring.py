@@ -161,11 +161,26 @@ def test_killed_agent_is_stage_lost_quickly_and_restarts_trusted(tmp_path, tiny,
             assert lost_after < STAGE_LOST_WITHIN_S
         b.proc.wait(5)
         assert b.proc.returncode == -signal.SIGKILL
+        assert not hello(a.address, keys, keys.find(a.address).public_key).busy  # the survivor was unloaded
         restarted = AgentProcess(b.state_dir, "b", port=b.port)
         with restarted:
             assert restarted.code == b.code
             with AgentRing(str(tiny.path), tiny.path, layout, "fp32", keys) as ring:  # no pairing again
                 assert coordinator(ring, tiny, "ar").generate(tiny.prompt).token_ids == tiny.expected
+                c = coordinator(ring, tiny, "flowspec", max_new_tokens=10_000 - 100)
+                c.start(tiny.prompt)
+                restarted.proc.send_signal(signal.SIGSTOP)  # frozen, its connection open: only heartbeats tell
+                try:
+                    stopped_at = time.monotonic()
+                    with pytest.raises(StageLost, match="no heartbeat"):
+                        while True:
+                            c.step()
+                    silent_for = time.monotonic() - stopped_at
+                finally:
+                    restarted.proc.send_signal(signal.SIGCONT)
+            with capsys.disabled():
+                print(f"frozen agent (SIGSTOP) -> StageLost after {silent_for:.2f} s")
+            assert silent_for < STAGE_LOST_WITHIN_S
 
 
 _CLIENT = textwrap.dedent("""
