@@ -10,7 +10,7 @@ from PySide6.QtGui import QColor, QPainter, QPixmap
 from app.devices import DeviceInfo, format_bytes
 from app.widgets.palette import BAD, MUTED, OK, WARN
 
-COLUMNS = ("Device", "Address", "State", "Memory free", "Accelerator", "Speed")
+COLUMNS = ("Device", "Address", "State", "Memory free", "Accelerator", "ms/layer")
 STATE_COLOURS = {"online": OK, "busy": WARN, "lost": BAD, "unpaired": MUTED}
 DeviceRole = Qt.ItemDataRole.UserRole + 1
 
@@ -95,11 +95,13 @@ class DeviceListModel(QAbstractTableModel):
             return f"{free.split()[0]} / {total}" if free.split()[1] == total.split()[1] else f"{free} / {total}"
         if column == 4:
             return device.accelerator
-        return f"{device.ms_per_layer:.2f} ms/layer" if device.ms_per_layer else "not measured"
+        return f"{device.ms_per_layer:.2f}" if device.ms_per_layer else "–"
 
     @staticmethod
     def _tooltip(device: DeviceInfo) -> str:
         how = {"local": "a stage worker process on this machine", "mdns": "found on the local network",
                "manual": "added by host:port"}[device.source]
         extra = " It must be paired (its pairing code) before it can run a stage." if device.state == "unpaired" else ""
-        return f"{device.name} ({device.device_id}): {how}.{extra}"
+        speed = (f" Measured {device.ms_per_layer:.2f} ms per layer per pipeline segment." if device.ms_per_layer
+                 else " Speed not measured yet: it is measured while it runs a stage.")
+        return f"{device.name} ({device.device_id}): {how}.{speed}{extra}"

@@ -100,7 +100,7 @@ def test_device_list_shows_state_memory_and_speed_and_checks_addresses(qtbot):
     model.set_devices(with_state(devices, "local-2", "lost"))
     assert model.rowCount() == 2
     assert [model.index(r, 2).data() for r in range(2)] == ["online", "lost"]
-    assert model.index(0, 3).data() == "4.0 / 4.0 GiB" and model.index(0, 5).data() == "not measured"
+    assert model.index(0, 3).data() == "4.0 / 4.0 GiB" and model.index(0, 5).data() == "–"
     panel.address.setText("not an address")
     panel.add_button.click()
     assert "not host:port" in panel.message.text()
