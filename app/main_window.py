@@ -249,7 +249,8 @@ class MainWindow(QMainWindow):
                 devices = with_state(devices, device.device_id, "busy")
         self.set_devices(devices)
         self.editor.end_loading(True, f"Stages loaded in {ready.seconds:.1f} s. Type a prompt in the chat.")
-        self.chat.set_ready(True, f"Ready: {len(ready.plan.bounds)} stages.")
+        n = len(ready.plan.bounds)
+        self.chat.set_ready(True, f"Ready: {n} stage{'s' if n > 1 else ''}.")
         self.banner.hide()
 
     def _on_engine_state(self, state: EngineState) -> None:
@@ -301,12 +302,15 @@ class MainWindow(QMainWindow):
         self.chat.set_ready(False, f"{name} was lost.")
         try:
             plan = suggest(self.layout_model.shape, self.devices)
-            offer = f"Re-plan: {len(plan.layout.stages)} stages on the remaining devices."
+            n = len(plan.layout.stages)
+            offer = f"Re-plan: {n} stage{'s' if n > 1 else ''} on the devices still online."
             self.banner.replan_button.setEnabled(True)
         except (LayoutError, AttributeError) as error:
             offer = f"The remaining devices cannot hold the model ({error})."
             self.banner.replan_button.setEnabled(False)
         self.banner.show_report(report, name, offer)
+        self.editor.show_message(f"{name} was lost. Re-plan from the banner above the chat, or change the "
+                                 "layout here and press Apply.", "error")
 
     def replan_and_continue(self) -> None:
         """Lay the model out on the devices still online and continue the cut answer there."""

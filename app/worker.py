@@ -126,7 +126,8 @@ class _EngineWorker(QObject):
         for i, stage in enumerate(plan.layout.stages):
             self.sig_load_progress.emit(LoadProgress(i, stage.device_id, 1.0, "ready"))
         self.sig_engine_ready.emit(EngineReady(plan, time.monotonic() - t0, pids))
-        self.sig_engine_state.emit(EngineState("ready", f"{plan.model} ready on {len(plan.bounds)} stages"))
+        n = len(plan.bounds)
+        self.sig_engine_state.emit(EngineState("ready", f"{plan.model} ready on {n} stage{'s' if n > 1 else ''}"))
         self._start_liveness()
         return True
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from PySide6.QtCore import Signal
-from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QWidget
+from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from app.messages import StageLostReport
 
@@ -25,12 +25,15 @@ class FaultBanner(QWidget):
         self.retry_button = QPushButton("Retry same layout")
         self.dismiss_button = QPushButton("Dismiss")
         self.dismiss_button.setObjectName("flat")
-        box = QHBoxLayout(self)
+        buttons = QHBoxLayout()
+        buttons.addStretch(1)
+        buttons.addWidget(self.dismiss_button)
+        buttons.addWidget(self.retry_button)
+        buttons.addWidget(self.replan_button)
+        box = QVBoxLayout(self)
         box.setContentsMargins(12, 8, 12, 8)
-        box.addWidget(self.text, 1)
-        box.addWidget(self.replan_button)
-        box.addWidget(self.retry_button)
-        box.addWidget(self.dismiss_button)
+        box.addWidget(self.text)
+        box.addLayout(buttons)
         self.replan_button.clicked.connect(self.sig_replan_requested)
         self.retry_button.clicked.connect(self.sig_retry_requested)
         self.dismiss_button.clicked.connect(self.hide)
@@ -42,5 +45,6 @@ class FaultBanner(QWidget):
         where = f"Stage {report.stage_index + 1} on {device_name}" if report.stage_index is not None else "A stage"
         kept = (f" The conversation and the {len(report.partial_ids)} tokens of the answer so far are kept."
                 if report.partial_ids else " The conversation is kept.")
-        self.text.setText(f"<b>{where} was lost.</b> {report.reason}.{kept} {replan_text}")
+        reason = report.reason.rstrip(".")
+        self.text.setText(f"<b>{where} was lost.</b> {reason}.{kept} {replan_text}")
         self.show()

@@ -186,8 +186,9 @@ class LayoutCanvas(QWidget):
         small.setPointSizeF(max(7.0, small.pointSizeF() - 2))
         p.setFont(small)
         p.setPen(MUTED)
+        free_text = f"{format_bytes(device.memory_free)} free" if device.memory_free else "memory unknown"
         p.drawText(QRectF(24, top + 37, LANE_LABEL_W - 44, 12), Qt.AlignmentFlag.AlignLeft,
-                   f"{format_bytes(need)} of {format_bytes(device.memory_free)} free")
+                   f"{format_bytes(need)} of {free_text}")
         p.setFont(self.font())
 
     # --- mouse: select and start drags
