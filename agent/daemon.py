@@ -272,8 +272,7 @@ class Agent:
             if not self.receiving.complete:
                 self.pending_host = msg
                 return wire.WeightsNeeded(msg.bundle, tuple(self.receiving.have))
-            installed = self.receiving.install()
-            self.receiving = None
+            installed, self.receiving = self.receiving, None
         self._start_stage(msg, installed)
         return None
 
@@ -308,16 +307,11 @@ class Agent:
         self._send(self.owner.route, wire.LoadProgress(msg.stage_index, "weights", receiving.done, receiving.total))
         if not receiving.complete:
             return None
-        try:
-            installed = receiving.install()
-        except BundleError as exc:
-            logger.warning("weights: %s", exc)
-            return wire.WeightsNeeded(receiving.bundle, tuple(receiving.have))
         self.receiving = self.pending_host = None
-        self._start_stage(msg, installed)
+        self._start_stage(msg, receiving)  # checked and installed on the stage's thread
         return None
 
-    def _start_stage(self, msg: wire.HostStage, model_dir: Path) -> None:
+    def _start_stage(self, msg: wire.HostStage, model_dir: Path | Receiving) -> None:
         data = endpoint(self.config.bind, self.config.port + DATA_PORT_OFFSET)
         self.stage = StageHost(self.context, (self.identity.public_key, self.identity.secret_key), msg,
                                model_dir, data, self.events)

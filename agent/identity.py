@@ -26,7 +26,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import zmq
 
 from engine.curve_auth import fingerprint, new_key_pair, normalize_code, read_key_pair, write_private
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import zmq
 
+from agent.weights import Receiving
 from engine import wire
 from engine.curve_auth import curve_client, curve_server
 from engine.stage_proc import DATA_MESSAGES
@@ -31,9 +32,11 @@ JOIN_S = 10.0
 
 
 class StageHost(threading.Thread):
-    """Loads `msg`'s layers from `model_dir` and serves them until `stop()`."""
+    """Loads `msg`'s layers from `model_dir` and serves them until `stop()`. A bundle still being
+    received (agent.weights.Receiving) is checked and installed first, on this thread, so a large
+    stage never holds up the agent's heartbeats."""
 
-    def __init__(self, context: zmq.Context, keys: tuple[str, str], msg: wire.HostStage, model_dir: Path,
+    def __init__(self, context: zmq.Context, keys: tuple[str, str], msg: wire.HostStage, model_dir: Path | Receiving,
                  data_endpoint: str, events: queue.SimpleQueue) -> None:
         super().__init__(name=f"stage {msg.stage_index + 1}/{msg.n_stages}", daemon=True)
         self.context, self.keys, self.msg, self.model_dir = context, keys, msg, model_dir
@@ -61,6 +64,8 @@ class StageHost(threading.Thread):
             msg = self.msg
             self.events.put(wire.LoadProgress(msg.stage_index, "loading", 0, 1))
             t0 = time.monotonic()
+            if isinstance(self.model_dir, Receiving):
+                self.model_dir = self.model_dir.install()
             module = load_stage(self.model_dir, msg.start, msg.end, msg.dtype)
             worker = StageWorker(module, msg.stage_index, msg.n_stages)
             pull = self.context.socket(zmq.PULL)

@@ -1,4 +1,5 @@
-"""Agents as real subprocesses on 127.0.0.1 for tests: start, read the pairing code, pair, stop.
+"""Agents as real subprocesses on 127.0.0.1 for tests: start, read the pairing code, pair, stop;
+and the tiny random model (with its Hugging Face greedy continuation) they serve.
 
 Every agent started through `AgentProcess` is killed at the end of its `with` block (or by the
 `agents` fixture), so no test leaves a process behind.
@@ -13,13 +14,16 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 30.0
 _CODE = re.compile(r"pairing code (\S+)")
+MAX_NEW_TOKENS = 60
 
 
 def free_port_block(n: int = 3) -> int:
@@ -109,8 +113,22 @@ class AgentProcess:
         self.log.close()
 
 
-def children_alive(pid: int) -> list[psutil.Process]:
-    try:
-        return [p for p in psutil.Process(pid).children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
-    except psutil.NoSuchProcess:
-        return []
+@dataclass(frozen=True)
+class Tiny:
+    path: Path
+    prompt: list[int]
+    expected: list[int]
+
+
+def make_tiny(path: Path, hidden: int = 64, intermediate: int = 128) -> Tiny:
+    config = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3)  # sharper logits: fewer near-ties between fp32 orders of summation
+    model.save_pretrained(path)
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(3))  # [1, T]
+    out = model.generate(ids, max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    return Tiny(path, ids[0].tolist(), out[0, ids.shape[1]:].tolist())

@@ -20,8 +20,7 @@ from engine.config import SessionConfig
 from engine.coordinator import Coordinator
 from engine.draft import LookupDrafter
 from engine.stage import load_head
-from tests.integration.agent_kit import AgentProcess
-from tests.integration.test_agent_ring import make_tiny
+from tests.integration.agent_kit import AgentProcess, make_tiny
 
 pytestmark = pytest.mark.integration
 

@@ -15,14 +15,9 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from engine import wire
 from engine.agent_client import AgentError, ClientKeys, Connection, hello, pair, stage_bundle, weight_chunks
@@ -32,34 +27,12 @@ from engine.coordinator import Coordinator, StageLost
 from engine.draft import LookupDrafter
 from engine.ring_zmq import RingError
 from engine.stage import load_head
-from tests.integration.agent_kit import REPO_ROOT, AgentProcess
+from tests.integration.agent_kit import MAX_NEW_TOKENS, REPO_ROOT, AgentProcess, Tiny, make_tiny
 
 pytestmark = pytest.mark.integration
 
-MAX_NEW_TOKENS = 60
 STAGE_LOST_WITHIN_S = 3.0
 FREED_WITHIN_S = 6.0
-
-
-@dataclass(frozen=True)
-class Tiny:
-    path: Path
-    prompt: list[int]
-    expected: list[int]
-
-
-def make_tiny(path: Path, hidden: int = 64, intermediate: int = 128) -> Tiny:
-    config = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(3)  # sharper logits: fewer near-ties between fp32 orders of summation
-    model.save_pretrained(path)
-    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(3))  # [1, T]
-    out = model.generate(ids, max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-    return Tiny(path, ids[0].tolist(), out[0, ids.shape[1]:].tolist())
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
-import argparse
 import pytest
 
 from agent.advertise import txt_record

@@ -6,9 +6,10 @@ import hashlib
 import json
 import struct
 
-import pytest
-from safetensors.numpy import save_file
 import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 from agent.weights import BundleError, BundleStore
 from engine import wire
@@ -70,12 +71,8 @@ def test_transfer_resumes_and_installs_a_loadable_file(model_dir, tmp_path):
     assert resumed.complete
     path = resumed.install()
     assert store.installed(bundle.bundle_id) == path and store.bundles() == [bundle.bundle_id]
-    from safetensors.numpy import load_file
-
     loaded = load_file(path / "model.safetensors")
     original = {}
-    from safetensors import safe_open
-
     with safe_open(model_dir / "model.safetensors", "np") as f:
         for t in bundle.tensors:
             original[t.name] = f.get_tensor(t.name)
