@@ -1,6 +1,6 @@
 """EngineBridge: the one object through which the window drives the engine (STYLE.md S2, S10).
 
-The engine (model, stages, session) lives on a worker QThread inside `_EngineWorker`; the window
+The engine (model, stages, session) lives on a worker QThread inside `EngineWorker`; the window
 calls the bridge's methods on the GUI thread, which reach the worker only through queued signals,
 and the worker's signals come back queued to the GUI thread. The worker runs one `Session.step()`
 per event-loop turn and re-arms itself with `QTimer.singleShot(0, ...)`, so Stop, Apply and close
@@ -16,7 +16,7 @@ import threading
 from PySide6.QtCore import QObject, QThread, Signal
 
 from app.messages import EnginePlan
-from app.worker import LoadCancelled, _EngineWorker
+from app.worker import LoadCancelled, EngineWorker
 from engine.config import SessionConfig
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class EngineBridge(QObject):
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self._thread: QThread | None = None
-        self._worker: _EngineWorker | None = None
+        self._worker: EngineWorker | None = None
         self._cancel_load = threading.Event()
 
     # --- lifecycle
@@ -80,7 +80,7 @@ class EngineBridge(QObject):
             return
         self._thread = QThread()
         self._thread.setObjectName("engine")
-        self._worker = _EngineWorker(self._cancel_load)
+        self._worker = EngineWorker(self._cancel_load)
         self._worker.moveToThread(self._thread)
         self._thread.finished.connect(self._worker.deleteLater)
         w = self._worker

@@ -149,6 +149,17 @@ class MainWindow(QMainWindow):
         self._agent_devices = devices
         self._show_devices()
         self._maybe_auto_apply()
+        self._update_retry()
+
+    def _update_retry(self) -> None:
+        """While the banner shows a lost agent, "Retry same layout" is offered once it is back."""
+        report = self.banner.report
+        if not self.banner.isVisible() or report is None or not report.device_id:
+            return
+        device = find(self.devices, report.device_id)
+        back = device is not None and (device.source == "local" or device.usable)
+        self.banner.retry_button.setEnabled(back)
+        self.banner.retry_button.setToolTip("" if back else f"Waiting for {report.device_id} to come back")
 
     def _show_devices(self) -> None:
         """The list shows every device; the layout's lanes are the usable agents when there are any
@@ -309,6 +320,7 @@ class MainWindow(QMainWindow):
             offer = f"The remaining devices cannot hold the model ({error})."
             self.banner.replan_button.setEnabled(False)
         self.banner.show_report(report, name, offer)
+        self._update_retry()
         self.editor.show_message(f"{name} was lost. Re-plan from the banner above the chat, or change the "
                                  "layout here and press Apply.", "error")
 

@@ -1,4 +1,4 @@
-"""_EngineWorker: the engine's owner on the bridge's worker thread (see app/bridge.py).
+"""EngineWorker: the engine's owner on the bridge's worker thread (see app/bridge.py).
 
 Everything here runs on that thread. It is the app's boundary for engine failures (STYLE.md S16):
 each slot catches what the engine raises, logs it with its traceback and reports it as a signal
@@ -46,7 +46,7 @@ class LoadCancelled(Exception):
     """The user cancelled Apply while the stages were loading."""
 
 
-class _EngineWorker(QObject):
+class EngineWorker(QObject):
     sig_model_inspected = Signal(object)
     sig_load_progress = Signal(object)
     sig_engine_ready = Signal(object)
