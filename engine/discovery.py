@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -98,6 +99,7 @@ class Discovery:
         self._lock = threading.Lock()
         self._manual: dict[str, float] = {}  # address -> next probe time (worker thread only)
         self._services: dict[str, str] = {}  # mDNS service name -> registry key (worker thread only)
+        self._next_check = 0.0  # when to look at the mDNS devices again (worker thread only)
         self._stop = threading.Event()
         self._zeroconf = self._browser = None
         self._thread = threading.Thread(target=self._run, name="discovery", daemon=True)
@@ -164,6 +166,7 @@ class Discovery:
                 elif kind == "removed":
                     self._remove_service(value)
                 self._probe_manual_entries()
+                self._check_advertised()
             except Exception:  # noqa: BLE001 - see docstring
                 logger.exception("discovery: handling %s %s failed", kind, value)
 
@@ -182,6 +185,28 @@ class Discovery:
                         fingerprint=props.get(wire.TXT_FINGERPRINT, ""), protocol=props.get(wire.TXT_PROTO, ""))
         self._services[service_name] = device.key
         self._upsert(self._with_hello(device))
+
+    def _check_advertised(self) -> None:
+        """Every MANUAL_PROBE_INTERVAL_S, look at each mDNS device again: its control port must still
+        accept a TCP connection, else it is lost now rather than when its mDNS record expires (a
+        killed agent never unregisters); a paired one is asked for its state again."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + MANUAL_PROBE_INTERVAL_S
+        for service_name, key in list(self._services.items()):
+            with self._lock:
+                device = self._registry.get(key)
+            if device is None:
+                continue
+            if _accepts_tcp(device.address):
+                if device.paired:
+                    self._upsert(self._with_hello(device))
+                continue
+            self._services.pop(service_name, None)
+            with self._lock:
+                self._registry.pop(key, None)
+            self._emit(DeviceLost(replace(device, online=False)))
 
     def _remove_service(self, service_name: str) -> None:
         key = self._services.pop(service_name, None)
@@ -248,3 +273,15 @@ class Discovery:
                 self.on_event(event)
             except Exception:  # noqa: BLE001 - a caller's callback must not stop discovery
                 logger.exception("discovery: the on_event callback failed")
+
+
+def _accepts_tcp(address: str) -> bool:
+    """Whether something listens at host:port (a connection is opened and closed, nothing sent)."""
+    from engine.agent_client import split_address
+
+    host, port = split_address(address)
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False

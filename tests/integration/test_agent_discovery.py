@@ -66,6 +66,12 @@ def test_discovery_by_mdns_and_by_address(tmp_path):
             lost = wait_for(discovery.events, lambda e: isinstance(e, DeviceLost) and e.device.address in ours)
             assert lost.device.agent_id == seen.device.agent_id
             assert {d.address for d in discovery.devices()} & ours == {hidden.address}
+            with AgentProcess(tmp_path / "k", "killed-agent", mdns=True) as killed:
+                wait_for(discovery.events, lambda e: isinstance(e, DeviceSeen) and e.device.address == killed.address)
+                killed.kill()  # SIGKILL: its mDNS record stays, but it is no ghost
+                killed_at = time.monotonic()
+                wait_for(discovery.events, lambda e: isinstance(e, DeviceLost) and e.device.address == killed.address)
+                assert time.monotonic() - killed_at < 8.0
 
 
 def test_devices_and_pair_commands(tmp_path):
