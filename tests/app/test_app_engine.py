@@ -61,7 +61,7 @@ def test_chat_charts_stage_loss_and_replan(qtbot, tiny_model_dir):
 
         # stage 2's process dies mid-answer
         texts.clear()
-        window.generation.max_tokens.setValue(300)
+        window.generation.max_tokens.setValue(150)
         killed = []
 
         def kill_stage_two(event):
@@ -89,7 +89,7 @@ def test_chat_charts_stage_loss_and_replan(qtbot, tiny_model_dir):
         whole = window.chat.conversation()[-1]["content"]
         assert whole.startswith(partial["content"]) and len(whole) > len(partial["content"])
         assert done.args[0].text == whole
-        assert len(done.args[0].token_ids) <= 300
+        assert len(done.args[0].token_ids) <= 150
         assert not window.banner.isVisible()
     finally:
         window.close()
