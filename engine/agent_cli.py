@@ -77,6 +77,40 @@ def agent_ring_factory(layout, source: str):
         from engine.agent_client import ClientKeys
         from engine.agent_ring import AgentRing
 
-        return AgentRing(model, model_dir, stages, dtype, ClientKeys(), on_progress=on_progress)
+        keys = ClientKeys()
+        refresh_addresses(keys, [device for device, _, _ in stages if ":" not in device])
+        return AgentRing(model, model_dir, stages, dtype, keys, on_progress=on_progress)
 
     return make_ring
+
+
+def refresh_addresses(keys, agent_ids: list[str], seconds: float = DISCOVERY_WAIT_S,
+                      interfaces: list[str] | None = None) -> None:
+    """Agents named by id may have moved since pairing (a new DHCP lease, another port): each one
+    that does not answer at its last address is looked for on mDNS, and a new address remembered."""
+    from dataclasses import replace
+
+    from engine.agent_client import AgentError, hello
+    from engine.discovery import Discovery
+
+    moved = {}
+    for agent_id in agent_ids:
+        paired = keys.find(agent_id)
+        if paired is None:
+            continue  # AgentRing says it is not paired
+        try:
+            hello(paired.address, keys, paired.public_key, timeout_s=2.0)
+        except AgentError:
+            moved[agent_id] = paired
+    if not moved:
+        return
+    with Discovery(interfaces=interfaces) as discovery:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            found = {d.agent_id: d for d in discovery.devices() if d.agent_id in moved}
+            if len(found) == len(moved):
+                break
+            time.sleep(0.1)
+    for agent_id, device in found.items():
+        keys.remember(replace(moved[agent_id], address=device.address))
+        print(f"agent {device.name or agent_id} moved to {device.address}", file=sys.stderr)

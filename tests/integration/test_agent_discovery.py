@@ -112,3 +112,15 @@ def test_generate_with_a_layout_of_two_agents_equals_local_smollm2(tmp_path):
     with Engine(EngineSpec("smollm2-135m", dtype="fp32", draft="lookup", in_process=True)) as engine:
         local = engine.generate(engine.encode(prompt), SessionConfig(max_new_tokens=max_new))
     assert json.loads(remote.stdout)["token_ids"] == local.token_ids
+
+
+def test_an_agent_named_by_id_is_found_at_its_new_address(tmp_path):
+    from engine.agent_cli import refresh_addresses
+
+    keys = ClientKeys(tmp_path / "client")
+    with AgentProcess(tmp_path / "a", "mover", mdns=True) as before:
+        agent_id = pair(before.address, before.code, keys).agent_id
+    with AgentProcess(tmp_path / "a", "mover", mdns=True) as after:  # same state, another port
+        assert after.port != before.port
+        refresh_addresses(keys, [agent_id], seconds=10.0, interfaces=["127.0.0.1"])
+        assert keys.find(agent_id).address == after.address
