@@ -71,6 +71,7 @@ class EngineBridge(QObject):
         self._thread: QThread | None = None
         self._worker: EngineWorker | None = None
         self._cancel_load = threading.Event()
+        self._stuck: tuple | None = None
 
     # --- lifecycle
 
@@ -110,7 +111,9 @@ class EngineBridge(QObject):
         self._cancel_load.set()
         self._req_close.emit()
         if not self._thread.wait(CLOSE_WAIT_MS):
-            logger.error("the engine thread did not stop within %d ms", CLOSE_WAIT_MS)
+            # Keep the QThread object alive: destroying a running QThread aborts the process.
+            logger.error("the engine thread did not stop within %d ms; it ends with the process", CLOSE_WAIT_MS)
+            self._stuck = (self._thread, self._worker)
         self._thread = None
         self._worker = None
 
