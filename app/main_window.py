@@ -211,20 +211,28 @@ class MainWindow(QMainWindow):
         if not (self.auto_apply and self.local_agents and ready and self.layout_model.shape is not None):
             return
         self.auto_apply = False
-        if self.editor.suggest():
+        if self._restore_last_layout() or self.editor.suggest():
             self.apply_layout(self.layout_model.layout)
+
+    def _restore_last_layout(self) -> bool:
+        """The layout applied last time, if these devices can run it."""
+        if not self.settings.last_layout:
+            return False
+        try:
+            layout = Layout.from_text(self.settings.last_layout, "the last layout")
+        except LayoutError as error:
+            logger.info("last layout not usable: %s", error)
+            return False
+        if layout.model not in (None, self.model_ref):
+            return False
+        return self.layout_model.set_layout(layout)
 
     # --- layout and loading
 
     def _on_model_inspected(self, shape: ModelShape) -> None:
         self.layout_model.set_shape(shape)
         self.state_label.setText(f"{shape.name}: {shape.n_layers} layers")
-        restored = False
-        if self.settings.last_layout:
-            try:
-                restored = self.layout_model.set_layout(Layout.from_text(self.settings.last_layout, "last layout"))
-            except LayoutError as error:
-                logger.info("last layout not usable: %s", error)
+        restored = False if self.local_agents else self._restore_last_layout()
         if not restored and not self.local_agents:  # with local agents, _maybe_auto_apply suggests
             self.editor.suggest()
         if self.local_agents:

@@ -17,7 +17,8 @@ import pytest
 from app.bridge import EngineBridge
 from app.devices import local_worker_devices
 from app.main_window import MainWindow
-from app.settings import AppSettings
+from app.settings import AppSettings, load_settings
+from engine.layout import Layout
 
 pytestmark = pytest.mark.integration
 
@@ -94,3 +95,5 @@ def test_chat_charts_stage_loss_and_replan(qtbot, tiny_model_dir):
     finally:
         window.close()
     assert not window.bridge.running
+    last = Layout.from_text(load_settings().last_layout)  # the layout applied last is remembered
+    assert [(s.device_id, s.start, s.end) for s in last.stages] == [("local-1", 0, 4)]
