@@ -2,7 +2,7 @@
 
 One scenario (each ring start costs seconds of CPU): Apply loads the stages with per-stage
 progress, a prompt streams into the chat through the bridge, the charts receive the stats and
-draw them, the devices get measured speeds; then a stage process is killed mid-answer, the banner
+draw them, the devices get measured speeds; Stop ends an answer early; then a stage process is killed mid-answer, the banner
 names the lost device, the partial answer stays, and "Re-plan and continue" finishes the answer on
 the remaining device.
 """
@@ -60,6 +60,21 @@ def test_chat_charts_stage_loss_and_replan(qtbot, tiny_model_dir):
         assert len(window.charts.busy_bars.opts["height"]) == 2
         qtbot.waitUntil(lambda: all(d.ms_per_layer for d in window.devices), timeout=2000)
 
+        # Stop ends an answer early and keeps what was accepted
+        def stop_once(event):
+            if event.text and window.chat.stop_button.isEnabled():
+                window.chat.stop_button.click()
+
+        window.bridge.sig_text_accepted.connect(stop_once)
+        window.generation.max_tokens.setValue(150)
+        window.chat.prompt.setPlainText("hello")
+        with qtbot.waitSignal(window.bridge.sig_request_finished, timeout=ANSWER_MS) as stopped:
+            window.chat.send_button.click()
+        window.bridge.sig_text_accepted.disconnect(stop_once)
+        assert stopped.args[0].stopped_by == "cancelled" and len(stopped.args[0].token_ids) < 150
+        assert window.chat.conversation()[-1]["content"] == stopped.args[0].text
+        qtbot.waitUntil(lambda: window.chat.send_button.isEnabled(), timeout=5000)
+
         # stage 2's process dies mid-answer
         texts.clear()
         window.generation.max_tokens.setValue(150)
@@ -81,7 +96,7 @@ def test_chat_charts_stage_loss_and_replan(qtbot, tiny_model_dir):
         assert [d.state for d in window.devices] == ["online", "lost"]
         partial = window.chat.conversation()[-1]
         assert partial["content"] and "was lost" in partial["note"]
-        assert len(window.chat.conversation()) == 4  # both questions and both answers are kept
+        assert len(window.chat.conversation()) == 6  # every question and answer is kept
 
         # re-plan onto the remaining device and continue the same answer
         with qtbot.waitSignal(window.bridge.sig_request_finished, timeout=LOAD_MS + ANSWER_MS) as done:
