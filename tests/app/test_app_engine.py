@@ -2,9 +2,9 @@
 
 One scenario (each ring start costs seconds of CPU): Apply loads the stages with per-stage
 progress, a prompt streams into the chat through the bridge, the charts receive the stats and
-draw them, the devices get measured speeds; Stop ends an answer early; then a stage process is killed mid-answer, the banner
-names the lost device, the partial answer stays, and "Re-plan and continue" finishes the answer on
-the remaining device.
+draw them, the devices get measured speeds, Stop ends an answer early; then a stage process is
+killed mid-answer, the banner names the lost device, the partial answer stays, and "Re-plan and
+continue" finishes the answer on the remaining device.
 """
 
 from __future__ import annotations
