@@ -34,7 +34,7 @@ from pathlib import Path
 import zmq
 
 from agent.capabilities import capabilities, free_memory, stage_memory_bytes
-from agent.identity import StateDir
+from agent.identity import CODE_LENGTH, StateDir, format_code
 from agent.stage_host import StageHost
 from agent.weights import BundleError, BundleStore, Receiving
 from engine import wire
@@ -114,10 +114,25 @@ class Agent:
             self._close()
 
     def _bind(self) -> None:
+        self._check_data_port()
         self.gate.start()
         self.control = self._router(self.identity.secret_key, "control", self.config.port)
         self.pairing = self._router(pairing_keys(self.identity.pairing_code)[1], "pair",
                                     self.config.port + PAIR_PORT_OFFSET)
+
+    def _check_data_port(self) -> None:
+        """The data port is bound only while a stage is hosted; make sure now that it is free, so a
+        clash shows at start rather than at the first load."""
+        import socket as socketlib
+
+        family = socketlib.AF_INET6 if ":" in self.config.bind else socketlib.AF_INET
+        with socketlib.socket(family, socketlib.SOCK_STREAM) as probe:
+            probe.setsockopt(socketlib.SOL_SOCKET, socketlib.SO_REUSEADDR, 1)
+            try:
+                probe.bind((self.config.bind.replace("*", "0.0.0.0"), self.config.port + DATA_PORT_OFFSET))
+            except OSError as exc:
+                raise zmq.ZMQError(exc.errno or zmq.EADDRINUSE, f"data port {self.config.port + DATA_PORT_OFFSET}: "
+                                   f"{exc.strerror}") from exc
 
     def _router(self, secret: str, domain: str, port: int) -> zmq.Socket:
         socket = self.context.socket(zmq.ROUTER)
@@ -125,12 +140,16 @@ class Agent:
         socket.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         curve_server(socket, secret, domain)
-        socket.bind(endpoint(self.config.bind, port))
+        try:
+            socket.bind(endpoint(self.config.bind, port))
+        except zmq.ZMQError:
+            socket.close(linger=0)  # else context.term() would wait for it forever
+            raise
         return socket
 
     def _announce(self) -> None:
         code = self.identity.pairing_code
-        shown = code[:4] + "-" + code[4:] if len(code) == 8 else "(the cluster secret)"
+        shown = format_code(code) if len(code) == CODE_LENGTH else "(the cluster secret)"
         print(f"flowspec-agent {self.config.name} ({self.identity.agent_id}) listening on "
               f"{self.config.bind}:{self.config.port}\n  key fingerprint {self.identity.fingerprint}\n"
               f"  pairing code {shown}  (on the desktop: flowspec pair HOST:{self.config.port} {shown})",
