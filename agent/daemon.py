@@ -101,7 +101,7 @@ class Agent:
         try:
             self._bind()
             self._announce()
-            threading.Thread(target=_warm_imports, name="warm imports", daemon=True).start()
+            threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
             if self.config.mdns:
                 from agent.advertise import Advertiser
 
@@ -371,27 +371,26 @@ class Agent:
         with self._data_lock:
             return key in self._data_keys
 
-    def _capabilities(self) -> wire.Capabilities:
-        if self._accel is None:
-            from agent.capabilities import accelerator
+    def _warm_up(self) -> None:
+        """Import torch and the stage code in the background, so that the agent answers at once and
+        the first HostStage loads sooner; then probe the accelerator (which needs torch)."""
+        import engine.stage  # noqa: F401
+        import engine.stage_worker  # noqa: F401
+        import engine.tensor_codec  # noqa: F401
+        from agent.capabilities import accelerator
 
-            self._accel = accelerator()
+        self._accel = accelerator()
+
+    def _capabilities(self) -> wire.Capabilities:
         return capabilities(self.identity.agent_id, self.config.name, self.identity.public_key,
                             self.config.port + DATA_PORT_OFFSET, self.models_dir, self.config.memory_limit,
-                            self.stage_text, self._accel)
+                            self.stage_text, self._accel or ("(still probing)", ""))
 
     def _send(self, route: bytes, msg: wire.Message) -> None:
         try:
             self.control.send_multipart([route, *wire.encode(msg)])
         except zmq.ZMQError as exc:  # the client is gone (ROUTER_MANDATORY); liveness handles it
             logger.debug("control: could not send %s: %s", type(msg).__name__, exc)
-
-
-def _warm_imports() -> None:
-    """Import torch and the stage code in the background, so the first HostStage loads sooner."""
-    import engine.stage  # noqa: F401
-    import engine.stage_worker  # noqa: F401
-    import engine.tensor_codec  # noqa: F401
 
 
 def _trim_heap() -> None:

@@ -23,7 +23,6 @@ import zmq
 from agent.weights import Receiving
 from engine import wire
 from engine.curve_auth import curve_client, curve_server
-from engine.stage_proc import DATA_MESSAGES
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ class StageHost(threading.Thread):
         """Boundary: a failure while loading or computing is logged and reported as StageFailed;
         the stage's KV cache can no longer be trusted, so the thread stops serving."""
         pull = push = None
-        try:
+        try:  # torch is imported here (or already by the agent's warm-up thread), not at agent start
             from engine.stage import load_stage
             from engine.stage_worker import StageWorker
 
@@ -92,6 +91,7 @@ class StageHost(threading.Thread):
                     socket.close(linger=0)
 
     def _serve(self, pull: zmq.Socket, push: zmq.Socket, worker, last: bool) -> None:
+        from engine.stage_proc import DATA_MESSAGES
         from engine.tensor_codec import decode_tensors, encode_tensors
 
         while not self._stopping.is_set():

@@ -15,7 +15,7 @@ import pytest
 import zmq
 
 from engine import wire
-from engine.agent_client import ClientKeys, Connection, pair
+from engine.agent_client import ClientKeys, Connection, hello, pair
 from engine.discovery import DeviceLost, DeviceSeen, Discovery
 from tests.integration.agent_kit import REPO_ROOT, AgentProcess
 
@@ -78,13 +78,17 @@ def test_devices_and_pair_commands(tmp_path):
     with AgentProcess(tmp_path / "m", "listed-agent", mdns=True) as agent:
         paired = run_cli(["pair", agent.address, agent.code.lower()], tmp_path / "client")
         assert paired.returncode == 0 and "paired with listed-agent" in paired.stdout, paired.stderr
+        keys = ClientKeys(tmp_path / "client")
+        deadline = time.monotonic() + 60  # the agent probes its accelerator once torch is imported
+        while not hello(agent.address, keys, keys.find(agent.address).public_key).torch_device:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
         listed = run_cli(["devices", "--interface", "127.0.0.1", "--seconds", "3"], tmp_path / "client")
         assert listed.returncode == 0, listed.stderr
         row = next(line for line in listed.stdout.splitlines() if line.startswith("listed-agent"))
         assert agent.address in row and " mdns " in row and " yes " in row and "GiB" in row and "(cpu)" in row
         wrong = run_cli(["pair", agent.address, "AAAA-BBBB"], tmp_path / "client")
         assert wrong.returncode == 1 and "pairing with" in wrong.stderr
-        keys = ClientKeys(tmp_path / "client")
         connection = Connection(zmq.Context.instance(), keys, agent.address, keys.find(agent.address).public_key)
         try:
             connection.request(wire.Shutdown(), wire.Capabilities)  # a paired client may stop the agent

@@ -228,3 +228,12 @@ def test_agent_refuses_a_stage_that_does_not_fit_before_loading(tmp_path, tiny, 
             AgentRing(str(tiny.path), tiny.path, [(agent.address, 0, 4)], "fp32", keys)
         assert not (agent.state_dir / "models" / "bundles").exists() or not any(
             p.name != ".partial" for p in (agent.state_dir / "models" / "bundles").iterdir())
+
+
+def test_a_port_clash_is_a_clear_error_at_start(three_agents):
+    taken = three_agents[0].port
+    clash = subprocess.run([sys.executable, "-m", "agent", "--port", str(taken - 1), "--bind", "127.0.0.1",
+                            "--no-mdns", "--state-dir", str(three_agents[0].state_dir.parent / "clash")],
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert clash.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{taken - 1}-{taken + 1}" in clash.stderr and "pick another --port" in clash.stderr
