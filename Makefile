@@ -30,6 +30,14 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/lint-imports
 
+# The benchmark's target scenario: every strategy and the Hugging Face peers, default model and draft head,
+# bf16, greedy, 4 stages, emulated 100 Mbit/s and 5 ms per hop, all six prompt categories, 128 new tokens.
+.PHONY: bench
+bench: $(STAMP)
+	$(BIN)/flowspec bench --model smollm2-135m --strategies ar,chunk,pipedec,flowspec --stages 4 \
+		--link-mbps 100 --link-latency-ms 5 --prompts all --max-new-tokens 128 --temperature 0 \
+		--dtype bf16 --out bench-results
+
 # PNGs of the app during a real generation, rendered under Xvfb (installed if missing), for the README.
 screenshots: $(STAMP)
 	sh docs/screenshots/render.sh

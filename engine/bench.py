@@ -78,6 +78,7 @@ class BenchConfig:
     segment_max: int = 16
     out: Path = Path("bench-results")
     command: str = ""
+    simulate: bool = False  # dedicated devices and links, modelled (engine/bench_sim.py)
 
     def points(self) -> list[Point]:
         return [Point(s, m, self.link_latency_ms if (m or self.link_latency_ms) else 0.0, d, p)
@@ -91,6 +92,8 @@ class BenchConfig:
 
 def check_config(cfg: BenchConfig) -> None:
     """Every bad setting as one message that says what to change, before anything loads."""
+    if cfg.simulate and not cfg.strategies:
+        raise ConfigError("--simulate models the ring: give at least one strategy")
     unknown = [s for s in cfg.strategies if s not in STRATEGIES]
     if unknown:
         raise ConfigError(f"unknown strategies {', '.join(unknown)}: choose from {', '.join(STRATEGIES)}")
@@ -387,10 +390,13 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None, b
     say = progress or (lambda text: print(text, file=sys.stderr))
     prompts = load_prompts(cfg.prompts)
     cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "runs.jsonl").write_text("")
     points = cfg.points()
     base = points[0]
     results: dict = {"meta": machine_info(cfg), "runs": [], "points": [], "medians": {}}
-    n_runs = sum(len(prompts) * cfg.repeats * (len(cfg.strategies) + (len(cfg.peers) if p == base else 0))
+    results["meta"]["simulated"] = cfg.simulate
+    peers_at_base = 0 if cfg.simulate else len(cfg.peers)
+    n_runs = sum(len(prompts) * cfg.repeats * (len(cfg.strategies) + (peers_at_base if p == base else 0))
                  for p in points)
     from tqdm import tqdm
 
@@ -404,20 +410,27 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None, b
             if key != engine_key:
                 if engine is not None:
                     engine.close()
-                say(f"starting {point.stages} stage(s), link {point.label}")
+                say(f"starting {point.label}" + (" (simulated devices)" if cfg.simulate else ""))
                 spec = EngineSpec(model=cfg.model, n_stages=point.stages, dtype=cfg.dtype, draft=cfg.draft,
-                                  link=LinkConfig(point.link_mbps, point.link_latency_ms))
+                                  link=LinkConfig(point.link_mbps, point.link_latency_ms), in_process=cfg.simulate)
                 engine, engine_key = Engine(spec, on_progress=lambda m: logger.info("%s", m)), key
+                if cfg.simulate:
+                    calibration = _simulated_ring(engine, spec.link, say)
                 results["meta"].setdefault("drafter", engine.drafter.name)
-            if point == base and cfg.peers and peers is None:
+            if point == base and cfg.peers and peers is None and not cfg.simulate:
                 say("loading the Hugging Face peers")
                 peers = Peers(cfg, engine.resolved.path, engine.eos_ids)
-            runs_here = _run_point(cfg, engine, peers if point == base else None, point, prompts, pbar)
+            runs_here = _run_point(cfg, engine, peers if point == base else None, point, prompts, pbar,
+                                   cfg.out / "runs.jsonl")
             results["runs"] += runs_here
-            results["points"].append({"setting": asdict(point), "label": point.label,
-                                      "stage_peak_rss_mb": peak_rss_mb(getattr(engine.ring, "pids", [])),
-                                      "layers": [list(b) for b in engine.bounds],
-                                      "medians": medians(runs_here)})
+            entry = {"setting": asdict(point), "label": point.label, "simulated": cfg.simulate,
+                     "stage_peak_rss_mb": peak_rss_mb(getattr(engine.ring, "pids", [])),
+                     "layers": [list(b) for b in engine.bounds], "medians": medians(runs_here)}
+            if cfg.simulate:
+                entry["calibration"] = calibration.as_dict()
+                if point.stages == 1:  # the one setting this machine can also run for real: the model's error
+                    entry["check"] = _check_against_real(cfg, point, prompts, entry["medians"], say)
+            results["points"].append(entry)
     finally:
         pbar.close()
         if engine is not None:
@@ -427,7 +440,40 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None, b
     return results
 
 
-def _run_point(cfg: BenchConfig, engine, peers: Peers | None, point: Point, prompts, pbar) -> list[dict]:
+def _simulated_ring(engine, link: LinkConfig, say: Callable[[str], None]):
+    """Swap the engine's in-process ring for a SimRing calibrated on its own stages."""
+    from engine.bench_sim import SimRing, calibrate
+
+    say(f"calibrating {len(engine.bounds)} stage(s): forward time per segment size")
+    workers = engine.ring.workers
+    calibration = calibrate(workers, engine.config.hidden_size)
+    engine.ring = SimRing(workers, calibration, link)
+    return calibration
+
+
+def _check_against_real(cfg: BenchConfig, point: Point, prompts, simulated: dict, say) -> dict:
+    """Run the point for real (worker processes) and compare tokens/s medians with the simulation."""
+    from engine.session import Engine, EngineSpec
+
+    say(f"checking the simulation against real runs: {point.label}")
+    spec = EngineSpec(model=cfg.model, n_stages=point.stages, dtype=cfg.dtype, draft=cfg.draft,
+                      link=LinkConfig(point.link_mbps, point.link_latency_ms))
+    with Engine(spec, on_progress=lambda m: logger.info("%s", m)) as engine:
+        from tqdm import tqdm
+
+        with tqdm(total=len(prompts) * cfg.repeats * len(cfg.strategies), desc="real", unit="run",
+                  disable=True) as pbar:
+            real = medians(_run_point(cfg, engine, None, point, prompts, pbar))
+    out = {}
+    for name, row in simulated.items():
+        if name in real and real[name]["tokens_per_s"]:
+            out[name] = {"simulated_tokens_per_s": row["tokens_per_s"], "real_tokens_per_s": real[name]["tokens_per_s"],
+                         "error": row["tokens_per_s"] / real[name]["tokens_per_s"] - 1.0}
+    return out
+
+
+def _run_point(cfg: BenchConfig, engine, peers: Peers | None, point: Point, prompts, pbar,
+               log: Path | None = None) -> list[dict]:
     runs: list[dict] = []
     names = list(cfg.strategies) + (list(cfg.peers) if peers is not None else [])
     for i, prompt in enumerate(prompts):
@@ -445,6 +491,9 @@ def _run_point(cfg: BenchConfig, engine, peers: Peers | None, point: Point, prom
                 else:
                     run = peers.run(name, ids, point, meta)
                 runs.append(asdict(run))
+                if log is not None:  # every run as it finishes, so a long bench can be followed and is not lost
+                    with log.open("a") as f:
+                        f.write(json.dumps(runs[-1]) + "\n")
                 pbar.update(1)
     return runs
 
@@ -480,6 +529,7 @@ def config_from_args(args) -> BenchConfig:
                       prompt_lens=lens, prompts=args.prompts, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, seed=args.seed, dtype=args.dtype, repeats=args.repeats,
                       topk=args.topk, tree_budget=args.tree_budget, segment_max=args.segment_max,
-                      out=Path(args.out), command="flowspec " + " ".join(getattr(args, "argv", sys.argv[1:])))
+                      out=Path(args.out), command="flowspec " + " ".join(getattr(args, "argv", sys.argv[1:])),
+                      simulate=args.simulate)
     check_config(cfg)
     return replace(cfg)

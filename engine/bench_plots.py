@@ -43,7 +43,8 @@ def speed_by_strategy(results: dict, out: Path) -> Path:
         ax.bar([j + i * width for j in range(len(cats))], values, width, label=name)
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(cats))], cats)
     ax.set_ylabel("tokens/s (median)")
-    ax.set_title(f"Speed by prompt category: {results['points'][0]['label']}")
+    sim = " (simulated)" if results["meta"].get("simulated") else ""
+    ax.set_title(f"Speed by prompt category{sim}: {results['points'][0]['label']}")
     ax.legend(fontsize="small")
     fig.tight_layout()
     path = out / "speed_by_strategy.png"
@@ -68,7 +69,9 @@ def _sweep(results: dict, out: Path, field: str, xlabel: str, filename: str, met
         if field == "link_mbps":
             ax.set_xscale("log")
         ax.legend(fontsize="small")
-    fig.suptitle(f"{xlabel} sweep ({results['meta']['machine']['cores']}-core machine)")
+    where = ("simulated dedicated devices" if results["meta"].get("simulated")
+             else f"{results['meta']['machine']['cores']}-core machine")
+    fig.suptitle(f"{xlabel} sweep ({where})")
     fig.tight_layout()
     path = out / filename
     fig.savefig(path, dpi=100)

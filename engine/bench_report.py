@@ -96,9 +96,13 @@ def write_report(results: dict, out: Path) -> Path:
     machine, settings, place = meta["machine"], meta["settings"], meta["placement"]
     link = meta["link_emulation"]
     base = results["points"][0]
+    simulated = bool(meta.get("simulated"))
     lines = [
-        "# flowspec bench results",
+        "# flowspec bench results" + (" (SIMULATED)" if simulated else ""),
         "",
+        *([f"**Simulated**: every figure below comes from a discrete-event model of one dedicated device per stage "
+           "and emulated links (engine/bench_sim.py), with stage forward times calibrated on this machine and the "
+           "coordinator's own work timed for real. They are predictions, not measurements.", ""] if simulated else []),
         f"Measured {meta['date_utc']} UTC on {machine['cpu']} ({machine['cores']} cores, {machine['memory_gb']} GB), "
         f"{machine['platform']}.",
         "",
@@ -117,7 +121,7 @@ def write_report(results: dict, out: Path) -> Path:
         "- Runs are interleaved per prompt (every contender once, then the next repeat or prompt); figures are "
         "medians over runs, speedups are ratios of medians.",
         "",
-        f"## {base['label']}",
+        f"## {base['label']}" + (" (simulated)" if simulated else ""),
         "",
         *headline_table(results["medians"]),
         "",
@@ -129,6 +133,16 @@ def write_report(results: dict, out: Path) -> Path:
         *category_table(results["medians"]),
         "",
     ]
+    checks = [(p["label"], p["check"]) for p in results["points"] if p.get("check")]
+    if checks:
+        lines += ["## Simulation against real runs", "",
+                  "| setting | strategy | simulated tok/s | real tok/s | error |", "|---|---|---:|---:|---:|"]
+        for label, check in checks:
+            for name, row in check.items():
+                lines.append(f"| {label} | {name} | {row['simulated_tokens_per_s']:.2f} | "
+                             f"{row['real_tokens_per_s']:.2f} | {row['error']:+.0%} |")
+        lines += ["", "The calibration table (seconds per forward, per stage and segment size) is in results.json "
+                  "under `points[].calibration`.", ""]
     sweeps = [sweep_table(results, "stages", "Stage sweep"), sweep_table(results, "link_mbps", "Bandwidth sweep"),
               sweep_table(results, "prompt_len", "Prompt-length sweep"), sweep_table(results, "depth", "Draft depth sweep")]
     sweep_lines = [line for table in sweeps for line in table]

@@ -119,6 +119,7 @@ class Coordinator:
         self.eos_ids = set(eos_ids)
         self.on_tokens = on_tokens or (lambda ids: None)
         self.generator = torch.Generator().manual_seed(config.sampling.seed)
+        self.clock: Callable[[], float] = getattr(ring, "clock", time.perf_counter)  # a simulated ring has its own
         self._request_id = 0
         self.done = True
 
@@ -140,7 +141,7 @@ class Coordinator:
         self.stats = dict(verifications=0, rounds=0, turns=0, decode_turns=0, in_flight=0)
         self.accepted_lengths: list[int] = []
         self.busy0 = self.ring.stage_busy_s()
-        self.t0 = time.perf_counter()
+        self.t0 = self.clock()
         self.ttft = 0.0
         self.stopped_by = "max_new_tokens"
         self.coordinator_s = self.draft_s = 0.0
@@ -188,7 +189,7 @@ class Coordinator:
         return self.result()
 
     def result(self) -> Result:
-        seconds = time.perf_counter() - self.t0
+        seconds = self.clock() - self.t0
         busy = [b - b0 for b, b0 in zip(self.ring.stage_busy_s(), self.busy0)]
         return Result(list(self.out), self.prompt_len, seconds, self.ttft, self.stats["verifications"],
                       self.stats["rounds"], self.stats["turns"], list(self.accepted_lengths),
@@ -208,7 +209,7 @@ class Coordinator:
         self.hidden_rows = []
         self.prefix_len = self.prompt_len
         first = self._sample_one(features[-1:])
-        self.ttft = time.perf_counter() - self.t0
+        self.ttft = self.clock() - self.t0
         self.drafter.extend([first], features)
         if self._emit([first]):
             self._new_round()

@@ -21,7 +21,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from engine.stage import DTYPES, Head, KVCache, attention_mask, load_head, load_stage, model_config
-from engine.tree import Order, TokenTree, build_tree, from_parents
+from engine.tree import Order, TokenTree, TreeBuilder, build_tree, from_parents
 
 logger = logging.getLogger(__name__)
 
@@ -140,10 +140,15 @@ class HeadDrafter:
 
     name = "head"
 
-    def __init__(self, head: EagleHead, target: Head) -> None:
+    def __init__(self, head: EagleHead, target: Head, draft_vocab: int | None = None) -> None:
         if head.config.hidden_size != target.embed.shape[1]:
             raise DraftError(f"draft head hidden size {head.config.hidden_size} != target's {target.embed.shape[1]}")
         self.head, self.target = head, target
+        # Drafts come from the first `draft_vocab` token ids only (None: all). Byte-level BPE ids follow
+        # merge order, so the low ids are the frequent tokens; the LM head rows read per draft level
+        # shrink in proportion. Verification always uses the full head, so outputs do not change.
+        n = target.lm_head.shape[0] if draft_vocab is None else min(draft_vocab, target.lm_head.shape[0])
+        self._draft_lm_head = target.lm_head.detach()[:n]
         cfg = head.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         dtype = next(head.parameters()).dtype
@@ -156,6 +161,10 @@ class HeadDrafter:
         self.n_pairs = 0
         self.cache.length = 0
         self._last: torch.Tensor | None = None
+        self._builder: TreeBuilder | None = None  # the pool drafted from the current root
+        self._builder_key: tuple[int, int] | None = None
+        self._committed = 0
+        self._tree_kv: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def extend(self, tokens: list[int], features: torch.Tensor | None) -> None:
         self.tokens.extend(int(t) for t in tokens)
@@ -164,6 +173,18 @@ class HeadDrafter:
 
     @torch.inference_mode()
     def draft(self, *, topk: int, depth: int, budget: int, order: Order) -> TokenTree:
+        """A tree from the current root. Drafting again from the same root (a refill, a deeper
+        pipedec level) reuses the pool and the head's cache rows of the earlier draft."""
+        key = (len(self.tokens), topk)
+        if self._builder is not None and self._builder_key == key:
+            if depth > self._builder.depth:
+                self._restore_tree_rows()
+                try:
+                    self._builder.grow(depth)
+                finally:
+                    self._stash_tree_rows()
+            return self._builder.tree(budget, order, depth)
+        self._builder = None
         n_new = len(self.tokens) - 1 - self.n_pairs
         if n_new > 0:
             if len(self.features) < self.n_pairs + n_new:
@@ -177,11 +198,12 @@ class HeadDrafter:
             self._last = out[-1]
         if self._last is None:
             raise DraftError("draft head has no context yet")
-        committed = self.cache.length
+        committed = self._committed = self.cache.length
         rows = _TreeRows()
         outputs: list[torch.Tensor] = []
+        k = min(topk, self.target.lm_head.shape[0])
 
-        def step(tokens: np.ndarray, parent_rows: np.ndarray) -> np.ndarray:
+        def step(tokens: np.ndarray, parent_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             feats = torch.stack([self._last if p < 0 else outputs[p] for p in parent_rows])
             tree_mask = rows.add(parent_rows)
             depth_ = torch.from_numpy(rows.depth(np.arange(len(outputs), len(outputs) + len(tokens))))
@@ -189,13 +211,52 @@ class HeadDrafter:
             mask = attention_mask(len(tokens), self.cache.length, committed, tree_mask)
             out = self.head(self.target.embed[torch.from_numpy(tokens)], feats, pos, self.cache, mask)
             outputs.extend(out)
-            return torch.log_softmax(self.target.logits(out), dim=-1).numpy()
+            return top_logprobs(self._logits(out), k)
 
-        root_lp = torch.log_softmax(self.target.logits(self._last[None]), dim=-1)[0].numpy()
+        ids, lps = top_logprobs(self._logits(self._last[None]), k)
+        self._builder = TreeBuilder(self.tokens[-1], (ids[0], lps[0]), step, topk)
+        self._builder_key = key
         try:
-            return build_tree(self.tokens[-1], root_lp, step, topk=topk, depth=depth, budget=budget, order=order)
+            self._builder.grow(depth)
         finally:
-            self.cache.truncate(committed)
+            self._stash_tree_rows()
+        return self._builder.tree(budget, order, depth)
+
+    def _stash_tree_rows(self) -> None:
+        """Move the draft tree's K/V out of the cache, which then holds the known pairs only."""
+        c, a = self.cache, self._committed
+        self._tree_kv = (c.keys[:, :, :, a : c.length].clone(), c.values[:, :, :, a : c.length].clone())
+        c.truncate(a)
+
+    def _restore_tree_rows(self) -> None:
+        keys, values = self._tree_kv
+        c, a, n = self.cache, self._committed, keys.shape[3]
+        c.reserve(n)
+        c.keys[:, :, :, a : a + n] = keys
+        c.values[:, :, :, a : a + n] = values
+        c.length = a + n
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, hidden] -> [T, draft vocabulary] float32 logits."""
+        return torch.nn.functional.linear(hidden.to(self._draft_lm_head.dtype), self._draft_lm_head).float()
+
+
+def top_logprobs(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k best (token ids, log-probs) of [R, V] logits, best first, ties to the lower id."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    vals, idx = torch.topk(logits, k, dim=-1)
+    n_at_least = (logits >= vals[:, -1:]).sum(dim=-1).tolist()
+    ids, top = idx.numpy().copy(), vals.numpy().copy()
+    for r, n in enumerate(n_at_least):
+        if n > k:  # a tie at the boundary: the lowest ids among the tied win, as engine.tree._topk does
+            row = logits[r].numpy()
+            cand = np.flatnonzero(row >= top[r, -1])
+            ids[r] = cand[np.lexsort((cand, -row[cand]))][:k]
+            top[r] = row[ids[r]]
+        order = np.lexsort((ids[r], -top[r]))
+        ids[r], top[r] = ids[r][order], top[r][order]
+    return ids, top - lse.numpy()
 
 
 class ModelDrafter:
@@ -289,6 +350,12 @@ class LookupDrafter:
         return tree
 
 
+def default_draft_vocab(vocab: int) -> int | None:
+    """The ids a head drafts from: the first third of a large vocabulary (the frequent BPE tokens,
+    as frequency-ranked drafting does), all of a small one."""
+    return vocab // 3 if vocab > 32768 else None
+
+
 def make_drafter(spec: str | None, target_ref: str, target: Head, dtype: str) -> Drafter:
     """`lookup`, `head:PATH`, or a model reference for a draft model; None means lookup.
 
@@ -299,7 +366,7 @@ def make_drafter(spec: str | None, target_ref: str, target: Head, dtype: str) ->
         return LookupDrafter()
     if spec.startswith("head:"):
         head = load_eagle_head(Path(spec[5:]), DTYPES[dtype], Path(target_ref) if Path(target_ref).is_dir() else None)
-        return HeadDrafter(head, target)
+        return HeadDrafter(head, target, default_draft_vocab(vocab))
     try:
         return ModelDrafter(spec, dtype, vocab)
     except DraftError:

@@ -110,8 +110,9 @@ def layout(pool_tokens, pool_parents, pool_scores, selected: np.ndarray, order: 
     return from_parents(pool_tokens[selected], parents, pool_scores[selected])
 
 
-StepFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
-"""step(tokens [k], parent_rows [k]) -> log-probs [k, V] of the children of each node.
+StepFn = Callable[[np.ndarray, np.ndarray], "np.ndarray | tuple[np.ndarray, np.ndarray]"]
+"""step(tokens [k], parent_rows [k]) -> log-probs [k, V] of the children of each node, or already
+their top-k as (token ids [k, K], log-probs [k, K]) per row, best first with ties to the lower id.
 
 Rows are numbered across calls in the order they are given; parent_rows -1 means the root."""
 
@@ -122,38 +123,76 @@ def build_tree(root_token: int, root_logprobs: np.ndarray, step: StepFn, *, topk
 
     depth counts draft levels below the root; budget counts draft nodes (the root is extra).
     """
-    pool_tokens, pool_parents, pool_scores = [root_token], [-1], [0.0]
-    k = int(min(topk, root_logprobs.shape[-1]))
-    first = _topk(root_logprobs, k)
-    frontier_pool = []  # pool index of each frontier node
-    for tok, lp in first:
-        pool_tokens.append(tok)
-        pool_parents.append(0)
-        pool_scores.append(min(lp, 0.0))
-        frontier_pool.append(len(pool_tokens) - 1)
-    row_of_pool = {0: -1}
-    next_row = 0
-    for _ in range(depth - 1):
-        rows_parent = np.array([row_of_pool[pool_parents[p]] for p in frontier_pool], dtype=np.int64)
-        logprobs = step(np.array([pool_tokens[p] for p in frontier_pool], dtype=np.int64), rows_parent)
-        for p in frontier_pool:
-            row_of_pool[p] = next_row
-            next_row += 1
-        candidates = []
-        for j, p in enumerate(frontier_pool):
-            for tok, lp in _topk(logprobs[j], k):
-                candidates.append((pool_scores[p] + min(lp, 0.0), p, tok))
-        start = len(pool_tokens)
-        for score, p, tok in candidates:
-            pool_tokens.append(tok)
-            pool_parents.append(p)
-            pool_scores.append(score)
-        new_scores = np.array([c[0] for c in candidates])
-        best = np.lexsort((np.arange(len(candidates)), -new_scores))[:k]
-        frontier_pool = [start + int(b) for b in sorted(best)]
-    scores = np.asarray(pool_scores)
-    chosen = np.concatenate(([0], 1 + select_nodes(scores[1:], budget)))
-    return layout(np.asarray(pool_tokens, dtype=np.int64), np.asarray(pool_parents), scores, chosen, order)
+    builder = TreeBuilder(root_token, root_logprobs, step, topk)
+    builder.grow(depth)
+    return builder.tree(budget, order, depth)
+
+
+class TreeBuilder:
+    """An EAGLE-2 candidate pool that can grow more levels and be re-selected without re-drafting.
+
+    A drafter keeps one per root: a second draft from the same root with a larger budget only
+    re-selects, and a deeper one runs only the missing levels. `tree(budget, order, depth)` equals
+    what `build_tree` with those arguments returns.
+    """
+
+    def __init__(self, root_token: int, root_logprobs, step: StepFn, topk: int) -> None:
+        self.step = step
+        self.tokens, self.parents, self.scores, self.levels = [root_token], [-1], [0.0], [0]
+        if isinstance(root_logprobs, tuple):
+            self.k = int(min(topk, root_logprobs[0].shape[-1]))
+            first = list(zip(root_logprobs[0][: self.k].tolist(), root_logprobs[1][: self.k].tolist()))
+        else:
+            self.k = int(min(topk, root_logprobs.shape[-1]))
+            first = _topk(root_logprobs, self.k)
+        self.frontier = []  # pool index of each frontier node
+        for tok, lp in first:
+            self._add(tok, 0, min(lp, 0.0), 1)
+            self.frontier.append(len(self.tokens) - 1)
+        self.row_of_pool = {0: -1}
+        self.next_row = 0
+        self.depth = 1
+
+    def _add(self, token: int, parent: int, score: float, level: int) -> None:
+        self.tokens.append(int(token))
+        self.parents.append(parent)
+        self.scores.append(score)
+        self.levels.append(level)
+
+    def grow(self, depth: int) -> None:
+        """Expand the frontier until the pool holds `depth` draft levels."""
+        while self.depth < depth and self.frontier:
+            frontier = self.frontier
+            rows_parent = np.array([self.row_of_pool[self.parents[p]] for p in frontier], dtype=np.int64)
+            out = self.step(np.array([self.tokens[p] for p in frontier], dtype=np.int64), rows_parent)
+            for p in frontier:
+                self.row_of_pool[p] = self.next_row
+                self.next_row += 1
+            if isinstance(out, tuple):
+                tops = [zip(ids[: self.k].tolist(), lps[: self.k].tolist()) for ids, lps in zip(*out)]
+            else:
+                tops = [_topk(row, self.k) for row in out]
+            start = len(self.tokens)
+            new_scores = []
+            level = self.depth + 1
+            for p, top in zip(frontier, tops):
+                for tok, lp in top:
+                    score = self.scores[p] + min(lp, 0.0)
+                    self._add(tok, p, score, level)
+                    new_scores.append(score)
+            new_scores_a = np.asarray(new_scores)
+            best = np.lexsort((np.arange(new_scores_a.shape[0]), -new_scores_a))[: self.k]
+            self.frontier = [start + int(b) for b in sorted(best)]
+            self.depth = level
+
+    def tree(self, budget: int, order: Order = "score", depth: int | None = None) -> TokenTree:
+        """The best `budget` drafts of the pool's first `depth` levels (all by default), laid out in `order`."""
+        scores = np.asarray(self.scores)
+        eligible = np.arange(1, scores.shape[0])
+        if depth is not None and depth < self.depth:
+            eligible = eligible[np.asarray(self.levels)[1:] <= depth]
+        chosen = np.concatenate(([0], eligible[select_nodes(scores[eligible], budget)]))
+        return layout(np.asarray(self.tokens, dtype=np.int64), np.asarray(self.parents), scores, chosen, order)
 
 
 def _topk(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:

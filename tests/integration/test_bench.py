@@ -126,3 +126,35 @@ def test_sized_prompts_reach_the_asked_length(bench):
         for length in (64, 256):
             ids = sized_prompt_ids(engine, prompts, 1, length)
             assert length - 8 <= len(ids) <= length
+
+
+def test_simulate_models_dedicated_devices_and_reports_its_error(bench, tmp_path):
+    _, _, model = bench
+    prompts = tmp_path / "one.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hello world, hello there", "category": "chat"}) + "\n")
+    out = tmp_path / "sim"
+    code = main(["bench", "--model", str(model), "--draft", "lookup", "--prompts", str(prompts), "--max-new-tokens",
+                 "6", "--stages", "1,2", "--link-mbps", "100", "--link-latency-ms", "2", "--dtype", "fp32",
+                 "--simulate", "--out", str(out), "--no-progress"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["simulated"] is True
+    assert all(r["kind"] == "strategy" for r in results["runs"])  # peers are never simulated
+    for point in results["points"]:
+        assert point["simulated"] is True
+        cal = point["calibration"]
+        assert len(cal["seconds"]) == point["setting"]["stages"]
+        assert all(len(row) == len(cal["sizes"]) and min(row) > 0 for row in cal["seconds"])
+        runs = [r for r in results["runs"] if r["point"] == point["setting"]]
+        assert len({r["output_sha1"] for r in runs}) == 1, "simulated strategies disagree in fp32 greedy"
+        # ar is serial: every decoded token crosses every stage's device and every hop's latency once
+        ar = next(r for r in runs if r["name"] == "ar")
+        per_token = sum(row[0] for row in cal["seconds"]) + (point["setting"]["stages"] + 1) * 0.002
+        assert ar["seconds"] >= (ar["new_tokens"] - 1) * per_token
+    check = results["points"][0]["check"]
+    assert set(check) == set(STRATEGIES)
+    for row in check.values():
+        assert row["real_tokens_per_s"] > 0
+        assert row["error"] == pytest.approx(row["simulated_tokens_per_s"] / row["real_tokens_per_s"] - 1)
+    report = (out / "results.md").read_text()
+    assert "SIMULATED" in report and "Simulation against real runs" in report
