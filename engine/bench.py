@@ -133,6 +133,8 @@ def machine_info(cfg: BenchConfig) -> dict:
     import torch
     import transformers
 
+    from engine.ring_zmq import coordinator_threads, default_threads
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cpu = platform.processor()
     try:
@@ -162,10 +164,10 @@ def machine_info(cfg: BenchConfig) -> dict:
         "link_emulation": {"mbps": list(cfg.link_mbps), "latency_ms_per_hop": cfg.link_latency_ms,
                            "note": "emulated by a sender thread per hop (bandwidth queue + fixed latency) on loopback"},
         "placement": {
-            "coordinator_threads": torch.get_num_threads(),
-            "stage_threads": {str(s): max(1, cores // s) for s in cfg.stages},
+            "coordinator_threads": {str(s): coordinator_threads(s, default_threads(s)) for s in cfg.stages},
+            "stage_threads": {str(s): default_threads(s) for s in cfg.stages},
             "pinning": "none (the OS schedules the coordinator and every stage process on the same cores)",
-            "peer_threads": torch.get_num_threads(),
+            "peer_threads": cores,
         },
         "command": cfg.command,
     }
@@ -315,6 +317,7 @@ class Peers:
             path = resolve_model(draft_model_ref(cfg.draft)).path
             self.assistant = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
         self.torch = torch
+        self.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
     def run(self, name: str, ids: list[int], point: Point, meta: dict) -> Run:
         torch = self.torch
@@ -330,12 +333,17 @@ class Peers:
             kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
         streamer = _FirstToken()
         eos = sorted(self.eos_ids)
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            out = self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                      max_new_tokens=self.cfg.max_new_tokens, eos_token_id=eos or None,
-                                      pad_token_id=eos[0] if eos else 0, streamer=streamer, **kwargs)
-            seconds = time.perf_counter() - t0
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # one process, no pipeline: every core is the peer's
+        try:
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                out = self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                          max_new_tokens=self.cfg.max_new_tokens, eos_token_id=eos or None,
+                                          pad_token_id=eos[0] if eos else 0, streamer=streamer, **kwargs)
+                seconds = time.perf_counter() - t0
+        finally:
+            torch.set_num_threads(threads)
         new = out[0, len(ids):].tolist()
         if eos and new and new[-1] in self.eos_ids:
             stopped = "eos"
@@ -455,7 +463,10 @@ def _check_against_real(cfg: BenchConfig, point: Point, prompts, simulated: dict
     """Run the point for real (worker processes) and compare tokens/s medians with the simulation."""
     from engine.session import Engine, EngineSpec
 
+    import torch
+
     say(f"checking the simulation against real runs: {point.label}")
+    threads = torch.get_num_threads()  # a process ring sets this process's threads; the simulation wants them back
     spec = EngineSpec(model=cfg.model, n_stages=point.stages, dtype=cfg.dtype, draft=cfg.draft,
                       link=LinkConfig(point.link_mbps, point.link_latency_ms))
     with Engine(spec, on_progress=lambda m: logger.info("%s", m)) as engine:
@@ -464,6 +475,7 @@ def _check_against_real(cfg: BenchConfig, point: Point, prompts, simulated: dict
         with tqdm(total=len(prompts) * cfg.repeats * len(cfg.strategies), desc="real", unit="run",
                   disable=True) as pbar:
             real = medians(_run_point(cfg, engine, None, point, prompts, pbar))
+    torch.set_num_threads(threads)
     out = {}
     for name, row in simulated.items():
         if name in real and real[name]["tokens_per_s"]:

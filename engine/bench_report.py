@@ -113,8 +113,9 @@ def write_report(results: dict, out: Path) -> Path:
         f"{settings['tree_budget']}.",
         f"- Link: emulated, {', '.join('none' if m is None else f'{m:g} Mbps' for m in link['mbps'])}, "
         f"{link['latency_ms_per_hop']:g} ms per hop ({link['note']}).",
-        f"- Placement: coordinator with {place['coordinator_threads']} torch threads; stage processes with "
-        f"{', '.join(f'{t} thread(s) each at {s} stages' for s, t in place['stage_threads'].items())}; "
+        f"- Placement: " + "; ".join(
+            f"{s} stage(s): {t} torch thread(s) per stage process, {place['coordinator_threads'][s]} for the "
+            f"coordinator" for s, t in place["stage_threads"].items()) + "; "
         f"pinning {place['pinning']}. Hugging Face peers run in the coordinator's process with {place['peer_threads']} threads "
         "and no pipeline.",
         f"- Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",

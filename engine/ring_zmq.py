@@ -89,8 +89,18 @@ class _Worker:
 
 def default_threads(n_stages: int) -> int:
     """torch threads per worker: the cores this process may use, shared by the stages."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, n_stages))
+    return max(1, _cores() // max(1, n_stages))
+
+
+def coordinator_threads(n_stages: int, threads_per_stage: int) -> int:
+    """torch threads for the coordinator's process beside its workers: the cores they leave free,
+    at least one. More would make its OpenMP team spin against the workers for the same cores
+    (on a busy 2-core machine a draft took 4x longer with 2 threads than with 1)."""
+    return max(1, _cores() - n_stages * threads_per_stage)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class ProcessRing:
@@ -118,11 +128,14 @@ class ProcessRing:
         self._poller = zmq.Poller()
         self._closed = False
         atexit.register(self.close)
+        threads = threads_per_stage or default_threads(len(bounds))
         try:
-            self._start(str(model), bounds, dtype, start_timeout_s, threads_per_stage or default_threads(len(bounds)))
+            self._start(str(model), bounds, dtype, start_timeout_s, threads)
         except BaseException:
             self.close()
             raise
+        self.coordinator_threads = coordinator_threads(self.n_stages, threads)
+        torch.set_num_threads(self.coordinator_threads)
 
     # --- the Ring interface
 
