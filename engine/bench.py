@@ -79,6 +79,7 @@ class BenchConfig:
     out: Path = Path("bench-results")
     command: str = ""
     simulate: bool = False  # dedicated devices and links, modelled (engine/bench_sim.py)
+    peer_threads: int | None = None  # torch threads for the Hugging Face peers; None = every core
 
     def points(self) -> list[Point]:
         return [Point(s, m, self.link_latency_ms if (m or self.link_latency_ms) else 0.0, d, p)
@@ -112,6 +113,8 @@ def check_config(cfg: BenchConfig) -> None:
         raise ConfigError(f"--depths values must be at least 1 (got {cfg.depths})")
     if any(p is not None and p < 8 for p in cfg.prompt_lens):
         raise ConfigError(f"--prompt-lengths values must be at least 8 tokens (got {cfg.prompt_lens})")
+    if cfg.peer_threads is not None and cfg.peer_threads < 1:
+        raise ConfigError(f"--peer-threads must be at least 1 (got {cfg.peer_threads})")
     if cfg.repeats < 1 or cfg.max_new_tokens < 1:
         raise ConfigError("--repeats and --max-new-tokens must be at least 1")
     if cfg.temperature < 0:
@@ -167,7 +170,7 @@ def machine_info(cfg: BenchConfig) -> dict:
             "coordinator_threads": {str(s): coordinator_threads(s, default_threads(s)) for s in cfg.stages},
             "stage_threads": {str(s): default_threads(s) for s in cfg.stages},
             "pinning": "none (the OS schedules the coordinator and every stage process on the same cores)",
-            "peer_threads": cores,
+            "peer_threads": cfg.peer_threads or cores,
         },
         "command": cfg.command,
     }
@@ -317,7 +320,8 @@ class Peers:
             path = resolve_model(draft_model_ref(cfg.draft)).path
             self.assistant = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
         self.torch = torch
-        self.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.threads = cfg.peer_threads or cores
 
     def run(self, name: str, ids: list[int], point: Point, meta: dict) -> Run:
         torch = self.torch
@@ -542,6 +546,6 @@ def config_from_args(args) -> BenchConfig:
                       temperature=args.temperature, seed=args.seed, dtype=args.dtype, repeats=args.repeats,
                       topk=args.topk, tree_budget=args.tree_budget, segment_max=args.segment_max,
                       out=Path(args.out), command="flowspec " + " ".join(getattr(args, "argv", sys.argv[1:])),
-                      simulate=args.simulate)
+                      simulate=args.simulate, peer_threads=args.peer_threads)
     check_config(cfg)
     return replace(cfg)
