@@ -91,7 +91,7 @@ class StageHost(threading.Thread):
                     socket.close(linger=0)
 
     def _serve(self, pull: zmq.Socket, push: zmq.Socket, worker, last: bool) -> None:
-        from engine.stage_proc import DATA_MESSAGES
+        from engine.stage_proc import DATA_MESSAGES, send_when_writable
         from engine.tensor_codec import decode_tensors, encode_tensors
 
         while not self._stopping.is_set():
@@ -115,13 +115,6 @@ class StageHost(threading.Thread):
             for msg, tensors in worker.handle(batch) if batch else []:
                 if last and not tensors:
                     continue
-                if not self._send(push, encode_tensors(msg, tensors)):
+                if not send_when_writable(push, encode_tensors(msg, tensors), self._stopping):
                     return
 
-    def _send(self, push: zmq.Socket, frames: list) -> bool:
-        """Send, waiting while the next hop cannot take it; False if the stage is stopping meanwhile."""
-        while not push.poll(POLL_MS, zmq.POLLOUT):
-            if self._stopping.is_set():
-                return False
-        push.send_multipart(frames)
-        return True

@@ -148,7 +148,7 @@ class LinkSender:
                     on_link.append(item)
                 now = time.monotonic()
                 while on_link and on_link[0][0] <= now:
-                    if not self._send_when_writable(socket, on_link.popleft()[1]):
+                    if not send_when_writable(socket, on_link.popleft()[1], self._stopping):
                         return
         except Exception as exc:  # noqa: BLE001 - reported through send(), see docstring
             logger.exception("link sender %s failed", threading.current_thread().name)
@@ -156,13 +156,14 @@ class LinkSender:
         finally:
             socket.close(linger=0)
 
-    def _send_when_writable(self, socket: zmq.Socket, frames: list) -> bool:
-        """Send, waiting while the peer's queue is full; False if the sender is closing meanwhile."""
-        while not socket.poll(SEND_POLL_MS, zmq.POLLOUT):
-            if self._stopping.is_set():
-                return False
-        socket.send_multipart(frames)
-        return True
+
+def send_when_writable(socket: zmq.Socket, frames: list, stopping: threading.Event) -> bool:
+    """Send, waiting while the peer's queue is full; False if `stopping` is set meanwhile."""
+    while not socket.poll(SEND_POLL_MS, zmq.POLLOUT):
+        if stopping.is_set():
+            return False
+    socket.send_multipart(frames)
+    return True
 
 
 def _push_socket(context: zmq.Context, endpoint: str) -> zmq.Socket:
