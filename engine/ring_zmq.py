@@ -88,8 +88,9 @@ class _Worker:
 
 
 def default_threads(n_stages: int) -> int:
-    """torch threads per worker: the cores this process may use, shared by the stages."""
-    return max(1, _cores() // max(1, n_stages))
+    """torch threads per worker: the cores this process may use, less one for the coordinator,
+    shared by the stages (at least one each)."""
+    return max(1, (_cores() - 1) // max(1, n_stages))
 
 
 def coordinator_threads(n_stages: int, threads_per_stage: int) -> int:
