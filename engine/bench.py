@@ -456,7 +456,14 @@ def _simulated_ring(engine, link: LinkConfig, say: Callable[[str], None]):
     """Swap the engine's in-process ring for a SimRing calibrated on its own stages."""
     from engine.bench_sim import SimRing, calibrate
 
-    say(f"calibrating {len(engine.bounds)} stage(s): forward time per segment size")
+    import torch
+
+    from engine.ring_zmq import default_threads
+
+    # As many threads as a one-stage worker gets here (one core stays with the coordinator): more
+    # OpenMP threads than free cores spin against each other and would inflate every figure.
+    torch.set_num_threads(default_threads(1))
+    say(f"calibrating {len(engine.bounds)} stage(s) with {torch.get_num_threads()} thread(s): forward time per segment size")
     workers = engine.ring.workers
     calibration = calibrate(workers, engine.config.hidden_size)
     engine.ring = SimRing(workers, calibration, link)
