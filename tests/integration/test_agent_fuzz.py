@@ -107,7 +107,9 @@ def test_malformed_frames_leave_the_agent_serving(tmp_path):
         assert agent.proc.poll() is None
         log = agent.log_text()
         assert answered[True] > 0 and answered[False] == 0  # not one Hello of the stranger's was parsed
-        assert log.count("control: dropped a malformed message") > N_FRAMES // 3
+        # Sends that find the queue full are skipped (NOBLOCK), so how many frames arrive depends on the
+        # machine's load: hundreds of malformed ones always do, and each is logged and dropped.
+        assert log.count("control: dropped a malformed message") >= 100
         assert "refused a connection from 127.0.0.1" in log and stranger.public_key in log
         assert "Traceback" not in log
 
