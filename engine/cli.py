@@ -124,6 +124,9 @@ def _add_distill_parser(sub) -> None:
                      help="evaluate the head in DIR instead of training: mean accepted length vs prompt lookup and top-1")
     dis.add_argument("--eval-prompts", default="heldout", help="prompt set or .jsonl file for --eval")
     dis.add_argument("--eval-max-new-tokens", type=int, default=128)
+    dis.add_argument("--eval-depth", type=int, default=5,
+                     help="--eval: draft levels below the root (the engine's default is 5; "
+                     "what the EAGLE papers call depth 5 is 6 here)")
     dis.add_argument("--json", action="store_true", help="--eval: print the report as JSON")
 
 
@@ -155,9 +158,6 @@ def session_config(args, strategy: str) -> SessionConfig:
     sampling = SamplingConfig(getattr(args, "temperature", 0.0), None, getattr(args, "seed", 0))
     return SessionConfig(strategy=strategy, max_new_tokens=args.max_new_tokens, speculation=spec, sampling=sampling)
 
-    dis.add_argument("--eval-depth", type=int, default=5,
-                     help="--eval: draft levels below the root (the engine's default is 5; "
-                     "what the EAGLE papers call depth 5 is 6 here)")
 
 def cmd_generate(args) -> int:
     from engine.session import Engine, TextStream
