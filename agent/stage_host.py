@@ -91,27 +91,13 @@ class StageHost(threading.Thread):
                     socket.close(linger=0)
 
     def _serve(self, pull: zmq.Socket, push: zmq.Socket, worker, last: bool) -> None:
-        from engine.stage_proc import DATA_MESSAGES, send_when_writable
-        from engine.tensor_codec import decode_tensors, encode_tensors
+        from engine.stage_proc import drain_data, send_when_writable
+        from engine.tensor_codec import encode_tensors
 
         while not self._stopping.is_set():
             if not pull.poll(POLL_MS):
                 continue
-            batch = []
-            while True:
-                try:
-                    frames = pull.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                try:
-                    msg, tensors = decode_tensors(frames)
-                except wire.WireError as exc:
-                    logger.error("%s: dropped a malformed message from the previous hop: %s", self.label, exc)
-                    continue
-                if not isinstance(msg, DATA_MESSAGES):
-                    logger.error("%s: dropped a %s that came on the data socket", self.label, type(msg).__name__)
-                    continue
-                batch.append((msg, tensors))
+            batch = drain_data(pull, self.label)
             for msg, tensors in worker.handle(batch) if batch else []:
                 if last and not tensors:
                     continue

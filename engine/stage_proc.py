@@ -157,6 +157,25 @@ class LinkSender:
             socket.close(linger=0)
 
 
+def drain_data(pull: zmq.Socket, label: str) -> list[tuple[object, list[torch.Tensor]]]:
+    """Every data message waiting on `pull`, decoded; malformed or misdirected ones logged and dropped."""
+    batch = []
+    while True:
+        try:
+            frames = pull.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return batch
+        try:
+            msg, tensors = decode_tensors(frames)
+        except WireError as exc:
+            logger.error("%s: dropped a malformed message from the previous hop: %s", label, exc)
+            continue
+        if not isinstance(msg, DATA_MESSAGES):
+            logger.error("%s: dropped a %s that came on the data socket", label, type(msg).__name__)
+            continue
+        batch.append((msg, tensors))
+
+
 def send_when_writable(socket: zmq.Socket, frames: list, stopping: threading.Event) -> bool:
     """Send, waiting while the peer's queue is full; False if `stopping` is set meanwhile."""
     while not socket.poll(SEND_POLL_MS, zmq.POLLOUT):
@@ -268,21 +287,7 @@ class StageProcess:
 
     def _on_data(self) -> None:
         """Drain the PULL socket into one batch, run it, and send the results to the next hop."""
-        batch = []
-        while True:
-            try:
-                frames = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
-            try:
-                msg, tensors = decode_tensors(frames)
-            except WireError as exc:
-                logger.error("%s: dropped a malformed message from the previous hop: %s", self.label, exc)
-                continue
-            if not isinstance(msg, DATA_MESSAGES):
-                logger.error("%s: dropped a %s that came on the data socket", self.label, type(msg).__name__)
-                continue
-            batch.append((msg, tensors))
+        batch = drain_data(self.pull, self.label)
         if not batch:
             return
         if self.worker is None:
