@@ -174,6 +174,8 @@ class AgentRing:
         deadline = time.monotonic() + timeout_s
         for index, (device, start, end) in enumerate(stages):
             self._stages.append(self._connect(index, device, start, end))
+        # Agents on one host share its cores: they compute in turn, so a host counts once.
+        self.parallel_stages = len({stage.host for stage in self._stages})
         for stage in self._stages:
             caps = stage.connection.request(wire.Hello(client_name=self.keys.name[:200]), wire.Capabilities)
             if caps.public_key != stage.agent.public_key:

@@ -76,6 +76,7 @@ class BenchConfig:
     topk: int = 10
     tree_budget: int = 80
     segment_max: int = 16
+    ring_slots: int | None = None  # None: the engine's default for the ring
     out: Path = Path("bench-results")
     command: str = ""
     simulate: bool = False  # dedicated devices and links, modelled (engine/bench_sim.py)
@@ -86,7 +87,8 @@ class BenchConfig:
                 for s, m, d, p in itertools.product(self.stages, self.link_mbps, self.depths, self.prompt_lens)]
 
     def session_config(self, strategy: str, depth: int) -> SessionConfig:
-        spec = SpeculationConfig(topk=self.topk, depth=depth, budget=self.tree_budget, segment_max=self.segment_max)
+        spec = SpeculationConfig(topk=self.topk, depth=depth, budget=self.tree_budget, segment_max=self.segment_max,
+                                 ring_slots=self.ring_slots)
         return SessionConfig(strategy=strategy, max_new_tokens=self.max_new_tokens, speculation=spec,
                              sampling=SamplingConfig(self.temperature, None, self.seed))
 
@@ -163,7 +165,8 @@ def machine_info(cfg: BenchConfig) -> dict:
         "settings": {"model": cfg.model, "draft": cfg.draft, "dtype": cfg.dtype, "temperature": cfg.temperature,
                      "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens, "prompts": cfg.prompts,
                      "repeats": cfg.repeats, "topk": cfg.topk, "tree_budget": cfg.tree_budget,
-                     "segment_max": cfg.segment_max, "strategies": list(cfg.strategies), "peers": list(cfg.peers)},
+                     "segment_max": cfg.segment_max,
+                     "ring_slots": cfg.ring_slots, "strategies": list(cfg.strategies), "peers": list(cfg.peers)},
         "link_emulation": {"mbps": list(cfg.link_mbps), "latency_ms_per_hop": cfg.link_latency_ms,
                            "note": "emulated by a sender thread per hop (bandwidth queue + fixed latency) on loopback"},
         "placement": {
@@ -552,7 +555,8 @@ def config_from_args(args) -> BenchConfig:
                       prompt_lens=lens, prompts=args.prompts, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, seed=args.seed, dtype=args.dtype, repeats=args.repeats,
                       topk=args.topk, tree_budget=args.tree_budget, segment_max=args.segment_max,
-                      out=Path(args.out), command="flowspec " + " ".join(getattr(args, "argv", sys.argv[1:])),
+                      ring_slots=args.ring_slots, out=Path(args.out),
+                      command="flowspec " + " ".join(getattr(args, "argv", sys.argv[1:])),
                       simulate=args.simulate, peer_threads=args.peer_threads)
     check_config(cfg)
     return replace(cfg)

@@ -88,6 +88,7 @@ class SimRing:
     def __init__(self, workers: list[StageWorker], calibration: Calibration, link: LinkConfig | None) -> None:
         self.workers = workers
         self.n_stages = len(workers)
+        self.parallel_stages = self.n_stages  # a modelled device per stage
         self.cal = calibration
         self.link = link if link is not None and link.active else None
         self.now = 0.0  # simulated seconds

@@ -29,10 +29,16 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--link-mbps", type=float, default=None, help="emulated bandwidth per hop (Mbit/s)")
     p.add_argument("--link-latency-ms", type=float, default=0.0, help="emulated latency per hop (ms)")
-    p.add_argument("--topk", type=int, default=10, help="draft tree: children per node")
     p.add_argument("--depth", type=int, default=5, help="draft tree: levels below the root")
+    _add_tree_args(p)
+
+
+def _add_tree_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--topk", type=int, default=10, help="draft tree: children per node")
     p.add_argument("--tree-budget", type=int, default=80, help="draft tree: draft tokens in a round's first tree")
     p.add_argument("--segment-max", type=int, default=16, help="largest first-round segment")
+    p.add_argument("--ring-slots", type=int, default=None, help="segments kept in flight (default: as many as "
+                   "the stages can compute at once, plus one)")
 
 
 def _add_request_args(p: argparse.ArgumentParser) -> None:
@@ -89,9 +95,7 @@ def _add_bench_parser(sub) -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     b.add_argument("--repeats", type=int, default=1)
-    b.add_argument("--topk", type=int, default=10, help="draft tree: children per node")
-    b.add_argument("--tree-budget", type=int, default=80, help="draft tree: draft tokens in a round's first tree")
-    b.add_argument("--segment-max", type=int, default=16, help="largest first-round segment")
+    _add_tree_args(b)
     b.add_argument("--out", default="bench-results", help="folder for results.json, results.md and the plots")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--peer-threads", type=int, default=None, help="torch threads for the Hugging Face peers "
@@ -154,7 +158,8 @@ def engine_spec(args):
 
 
 def session_config(args, strategy: str) -> SessionConfig:
-    spec = SpeculationConfig(topk=args.topk, depth=args.depth, budget=args.tree_budget, segment_max=args.segment_max)
+    spec = SpeculationConfig(topk=args.topk, depth=args.depth, budget=args.tree_budget, segment_max=args.segment_max,
+                             ring_slots=args.ring_slots)
     sampling = SamplingConfig(getattr(args, "temperature", 0.0), None, getattr(args, "seed", 0))
     return SessionConfig(strategy=strategy, max_new_tokens=args.max_new_tokens, speculation=spec, sampling=sampling)
 

@@ -32,6 +32,8 @@ class SpeculationConfig:
         for name in ("topk", "depth", "segment_max", "expand_segment_max", "max_tree", "pipedec_width"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if self.ring_slots is not None and self.ring_slots < 1:
+            raise ConfigError(f"ring_slots must be at least 1 (got {self.ring_slots})")
         for name in ("budget", "expand_budget"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative (got {getattr(self, name)})")

@@ -14,9 +14,14 @@ from engine.stage_worker import StageWorker
 
 
 class LocalRing:
-    def __init__(self, workers: list[StageWorker]) -> None:
+    """`parallel_stages` tells the coordinator how many stages could compute at once: by default
+    all of them (the ring stands in for a pipeline of devices, as in tests); an engine that really
+    runs its stages one after another in this process says 1."""
+
+    def __init__(self, workers: list[StageWorker], parallel_stages: int | None = None) -> None:
         self.workers = workers
         self.n_stages = len(workers)
+        self.parallel_stages = parallel_stages or self.n_stages
         self.inboxes: list[deque] = [deque() for _ in workers]
         self.returned: deque = deque()
 

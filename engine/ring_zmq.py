@@ -137,6 +137,8 @@ class ProcessRing:
             raise
         self.coordinator_threads = coordinator_threads(self.n_stages, threads)
         torch.set_num_threads(self.coordinator_threads)
+        # Stages that can compute at the same time: the cores the coordinator leaves, in workers' teams.
+        self.parallel_stages = max(1, min(self.n_stages, (_cores() - self.coordinator_threads) // threads))
 
     # --- the Ring interface
 

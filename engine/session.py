@@ -86,7 +86,7 @@ class Engine:
             for i, (a, b) in enumerate(self.bounds):
                 progress(f"stage {i + 1}/{len(self.bounds)}: loading layers {a}-{b - 1}")
                 workers.append(StageWorker(load_stage(path, a, b, spec.dtype), i, len(self.bounds)))
-            self.ring = LocalRing(workers)
+            self.ring = LocalRing(workers, parallel_stages=1)  # one process computes every stage in turn
         else:
             from engine.ring_zmq import ProcessRing
 

@@ -128,6 +128,7 @@ BAD_INPUTS = {
     ),
     "no new tokens": (lambda m, t: ["--max-new-tokens", "0"], ["max_new_tokens", "at least 1"]),
     "negative temperature": (lambda m, t: ["--temperature", "-0.5"], ["temperature", "-0.5"]),
+    "no ring slots": (lambda m, t: ["--ring-slots", "0"], ["ring_slots", "at least 1", "got 0"]),
     "draft vocabulary differs": (lambda m, t: ["--draft", str(m["other_vocab"])], ["vocabulary 384", "320"]),
 }
 

@@ -1,0 +1,62 @@
+"""How many segments flowspec keeps in flight: stages + 1 with a device per stage, fewer when the
+stages share cores (a segment sent ahead is computed even when pruning has emptied it)."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.config import SessionConfig, SpeculationConfig
+from engine.coordinator import default_slots
+from engine.stage import load_head
+from tests.integration.engine_kit import (decisive_model, first_difference, local_ring, make_drafter, prompt_ids,
+                                          reference_greedy, run, save_model, single_thread)  # noqa: F401
+
+N_NEW = 24
+
+
+@pytest.mark.parametrize("n_stages, parallel, slots", [
+    (4, 4, 5),   # a device per stage: the paper's stages + 1
+    (4, 8, 5),
+    (4, 2, 2),   # 4 stage processes on cores for 2 of them
+    (4, 1, 1),   # 2 cores, one kept by the coordinator
+    (1, 1, 1),   # one stage: no pipeline to keep busy
+    (1, 4, 1),
+    (3, 0, 1),
+])
+def test_default_slots(n_stages, parallel, slots):
+    assert default_slots(n_stages, parallel) == slots
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, single_thread):  # noqa: F811
+    model = decisive_model("llama", n_layers=3)
+    return model, save_model(model, tmp_path_factory.mktemp("slots") / "target")
+
+
+@pytest.mark.parametrize("parallel, ring_slots, expected", [(None, None, 4), (1, None, 1), (2, None, 2), (1, 3, 3)])
+def test_flowspec_slots_follow_the_ring_and_output_stays_greedy(tiny, parallel, ring_slots, expected):
+    model, model_dir = tiny
+    ring = local_ring(model_dir, 3)
+    if parallel is not None:
+        ring.parallel_stages = parallel
+    head = load_head(model_dir, "fp32")
+    ids = prompt_ids(12, head.lm_head.shape[0], seed=3)
+    config = SessionConfig(strategy="flowspec", max_new_tokens=N_NEW,
+                           speculation=SpeculationConfig(ring_slots=ring_slots, segment_max=4))
+    result = run(ring, head, make_drafter("model", model_dir, head), config, ids)
+    want = reference_greedy(model, ids, N_NEW)
+    assert result.token_ids == want, first_difference(result.token_ids, want)
+    assert result.ring_slots == expected
+    assert 0 < result.in_flight <= expected
+
+
+@pytest.mark.parametrize("strategy", ["chunk", "pipedec"])
+def test_baselines_keep_stages_plus_one(tiny, strategy):
+    """chunk and pipedec are the paper's baselines: their slot count shapes their trees, so it stays."""
+    _, model_dir = tiny
+    ring = local_ring(model_dir, 3)
+    ring.parallel_stages = 1
+    head = load_head(model_dir, "fp32")
+    result = run(ring, head, make_drafter("lookup", model_dir, head),
+                 SessionConfig(strategy=strategy, max_new_tokens=8), prompt_ids(10, head.lm_head.shape[0], seed=4))
+    assert result.ring_slots == 4
