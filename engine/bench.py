@@ -81,6 +81,7 @@ class BenchConfig:
     command: str = ""
     simulate: bool = False  # dedicated devices and links, modelled (engine/bench_sim.py)
     peer_threads: int | None = None  # torch threads for the Hugging Face peers; None = every core
+    in_process: bool = False  # stages as objects in the coordinator's process (one device, all its cores)
 
     def points(self) -> list[Point]:
         return [Point(s, m, self.link_latency_ms if (m or self.link_latency_ms) else 0.0, d, p)
@@ -115,6 +116,11 @@ def check_config(cfg: BenchConfig) -> None:
         raise ConfigError(f"--depths values must be at least 1 (got {cfg.depths})")
     if any(p is not None and p < 8 for p in cfg.prompt_lens):
         raise ConfigError(f"--prompt-lengths values must be at least 8 tokens (got {cfg.prompt_lens})")
+    for depth in cfg.depths:
+        cfg.session_config("flowspec", depth)  # the tree and sampling settings, checked as the engine will
+    if cfg.in_process and (cfg.simulate or any(m for m in cfg.link_mbps) or cfg.link_latency_ms):
+        raise ConfigError("--in-process runs the stages in one process with no links: drop --simulate and the "
+                          "--link-* options, or drop --in-process")
     if cfg.peer_threads is not None and cfg.peer_threads < 1:
         raise ConfigError(f"--peer-threads must be at least 1 (got {cfg.peer_threads})")
     if cfg.repeats < 1 or cfg.max_new_tokens < 1:
@@ -170,8 +176,9 @@ def machine_info(cfg: BenchConfig) -> dict:
         "link_emulation": {"mbps": list(cfg.link_mbps), "latency_ms_per_hop": cfg.link_latency_ms,
                            "note": "emulated by a sender thread per hop (bandwidth queue + fixed latency) on loopback"},
         "placement": {
-            "coordinator_threads": {str(s): coordinator_threads(s, default_threads(s)) for s in cfg.stages},
-            "stage_threads": {str(s): default_threads(s) for s in cfg.stages},
+            "coordinator_threads": {str(s): cores if cfg.in_process else coordinator_threads(s, default_threads(s))
+                                    for s in cfg.stages},
+            "stage_threads": {str(s): "in-process" if cfg.in_process else default_threads(s) for s in cfg.stages},
             "pinning": "none (the OS schedules the coordinator and every stage process on the same cores)",
             "peer_threads": cfg.peer_threads or cores,
         },
@@ -427,8 +434,13 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None, b
                     engine.close()
                 say(f"starting {point.label}" + (" (simulated devices)" if cfg.simulate else ""))
                 spec = EngineSpec(model=cfg.model, n_stages=point.stages, dtype=cfg.dtype, draft=cfg.draft,
-                                  link=LinkConfig(point.link_mbps, point.link_latency_ms), in_process=cfg.simulate)
+                                  link=LinkConfig(point.link_mbps, point.link_latency_ms),
+                                  in_process=cfg.simulate or cfg.in_process)
                 engine, engine_key = Engine(spec, on_progress=lambda m: logger.info("%s", m)), key
+                if cfg.in_process:
+                    import torch
+
+                    torch.set_num_threads(results["meta"]["machine"]["cores"])  # one device: every core is its
                 if cfg.simulate:
                     calibration = _simulated_ring(engine, spec.link, say)
                 results["meta"].setdefault("drafter", engine.drafter.name)
@@ -557,6 +569,6 @@ def config_from_args(args) -> BenchConfig:
                       topk=args.topk, tree_budget=args.tree_budget, segment_max=args.segment_max,
                       ring_slots=args.ring_slots, out=Path(args.out),
                       command="flowspec " + " ".join(getattr(args, "argv", sys.argv[1:])),
-                      simulate=args.simulate, peer_threads=args.peer_threads)
+                      simulate=args.simulate, peer_threads=args.peer_threads, in_process=args.in_process)
     check_config(cfg)
     return replace(cfg)

@@ -114,6 +114,8 @@ def write_report(results: dict, out: Path) -> Path:
         f"- Link: emulated, {', '.join('none' if m is None else f'{m:g} Mbps' for m in link['mbps'])}, "
         f"{link['latency_ms_per_hop']:g} ms per hop ({link['note']}).",
         f"- Placement: " + "; ".join(
+            f"{s} stage(s) in the coordinator's process with {place['coordinator_threads'][s]} torch thread(s)"
+            if t == "in-process" else
             f"{s} stage(s): {t} torch thread(s) per stage process, {place['coordinator_threads'][s]} for the "
             f"coordinator" for s, t in place["stage_threads"].items()) + "; "
         f"pinning {place['pinning']}. Hugging Face peers run in the coordinator's process with {place['peer_threads']} threads "

@@ -100,6 +100,8 @@ def _add_bench_parser(sub) -> None:
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--peer-threads", type=int, default=None, help="torch threads for the Hugging Face peers "
                    "(default: every core; on a machine busy with other work, 1 avoids OpenMP threads spinning)")
+    b.add_argument("--in-process", action="store_true", help="run the stages inside the coordinator's process, "
+                   "with all its cores (one device, no pipeline); no link emulation")
     b.add_argument("--simulate", action="store_true", help="model one dedicated device per stage and real links "
                    "(calibrated on this machine; numbers labelled simulated); checked against real runs at 1 stage")
 

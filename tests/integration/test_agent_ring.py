@@ -22,7 +22,7 @@ import pytest
 from engine import wire
 from engine.agent_client import AgentError, ClientKeys, Connection, hello, pair, stage_bundle, weight_chunks
 from engine.agent_ring import AgentRing
-from engine.config import STRATEGIES, SessionConfig
+from engine.config import STRATEGIES, SessionConfig, SpeculationConfig
 from engine.coordinator import Coordinator, StageLost
 from engine.draft import LookupDrafter
 from engine.ring_zmq import RingError
@@ -69,16 +69,25 @@ def ring3(tiny, keys, three_agents):
         yield ring
 
 
-def coordinator(ring, tiny, strategy: str, max_new_tokens: int = MAX_NEW_TOKENS) -> Coordinator:
-    config = SessionConfig(strategy=strategy, max_new_tokens=max_new_tokens)
+def coordinator(ring, tiny, case: str, max_new_tokens: int = MAX_NEW_TOKENS) -> Coordinator:
+    """`case` is a strategy, or "flowspec-full": stages + 1 segments in flight (agents on one host
+    count as one device, so flowspec would otherwise keep one)."""
+    strategy, _, full = case.partition("-")
+    spec = SpeculationConfig(ring_slots=ring.n_stages + 1 if full else None)
+    config = SessionConfig(strategy=strategy, max_new_tokens=max_new_tokens, speculation=spec)
     return Coordinator(ring, load_head(tiny.path, "fp32"), LookupDrafter(), config, eos_ids=set())
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", (*STRATEGIES, "flowspec-full"))
 def test_greedy_output_through_three_agents_equals_hugging_face(tiny, ring3, strategy):
     busy_before = ring3.stage_busy_s()
     result = coordinator(ring3, tiny, strategy).generate(tiny.prompt)
     assert result.token_ids == tiny.expected
+    assert ring3.parallel_stages == 1  # three agents on one host take turns on its cores
+    if strategy == "flowspec":
+        assert result.ring_slots == 1
+    elif strategy == "flowspec-full":
+        assert result.ring_slots == 4 and result.in_flight > 1
     assert all(after > before for after, before in zip(ring3.stage_busy_s(), busy_before))
 
 

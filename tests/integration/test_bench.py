@@ -107,6 +107,8 @@ def test_plots_and_report_are_written(bench):
     (["--strategies", "ar,fast"], "unknown strategies fast"),
     (["--peers", "hf-draft"], "hf-draft needs --draft"),
     (["--stages", "1,x"], "comma-separated numbers"),
+    (["--in-process", "--link-mbps", "100"], "--in-process runs the stages in one process with no links"),
+    (["--ring-slots", "0"], "ring_slots must be at least 1"),
 ])
 def test_bad_settings_exit_2_with_a_message(args, message, bench, capsys, tmp_path):
     _, _, model = bench
@@ -158,3 +160,20 @@ def test_simulate_models_dedicated_devices_and_reports_its_error(bench, tmp_path
         assert row["error"] == pytest.approx(row["simulated_tokens_per_s"] / row["real_tokens_per_s"] - 1)
     report = (out / "results.md").read_text()
     assert "SIMULATED" in report and "Simulation against real runs" in report
+
+
+def test_in_process_bench_runs_one_device_and_says_so(bench, tmp_path):
+    _, _, model = bench
+    prompts = tmp_path / "one.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hello world, hello there", "category": "chat"}) + "\n")
+    out = tmp_path / "inproc"
+    code = main(["bench", "--model", str(model), "--draft", "lookup", "--prompts", str(prompts), "--max-new-tokens",
+                 "6", "--stages", "1", "--strategies", "ar,flowspec", "--peers", "hf", "--dtype", "fp32",
+                 "--in-process", "--out", str(out), "--no-progress"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["placement"]["stage_threads"] == {"1": "in-process"}
+    assert len({r["output_sha1"] for r in results["runs"]}) == 1  # fp32 greedy: both strategies equal the hf peer
+    flowspec = next(r for r in results["runs"] if r["name"] == "flowspec")
+    assert flowspec["ring_slots"] == 1  # one process computes the stage and verifies in turn: nothing to overlap
+    assert "stage(s) in the coordinator's process" in (out / "results.md").read_text()

@@ -28,7 +28,7 @@ import zmq
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from engine import wire
-from engine.config import STRATEGIES, LinkConfig, SessionConfig
+from engine.config import STRATEGIES, LinkConfig, SessionConfig, SpeculationConfig
 from engine.coordinator import Coordinator, StageLost
 from engine.draft import LookupDrafter
 from engine.ring_zmq import ProcessRing, RingError
@@ -86,8 +86,15 @@ def ring3(tiny):
         yield ring
 
 
-def make_coordinator(ring, head, strategy: str) -> Coordinator:
-    config = SessionConfig(strategy=strategy, max_new_tokens=MAX_NEW_TOKENS)
+# flowspec keeps one segment in flight when the stage processes share few cores; "flowspec-full"
+# keeps stages + 1 (a device per stage), so segments and prunes race through the sockets everywhere.
+CASES = (*STRATEGIES, "flowspec-full")
+
+
+def make_coordinator(ring, head, case: str) -> Coordinator:
+    strategy, _, full = case.partition("-")
+    spec = SpeculationConfig(ring_slots=ring.n_stages + 1 if full else None)
+    config = SessionConfig(strategy=strategy, max_new_tokens=MAX_NEW_TOKENS, speculation=spec)
     return Coordinator(ring, head, LookupDrafter(), config, eos_ids=set())
 
 
@@ -113,7 +120,7 @@ def wait_until(condition, timeout_s: float) -> bool:
 # --- equivalence with Hugging Face greedy decoding
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", CASES)
 @pytest.mark.parametrize("ring_name", ["ring2", "ring3"])
 def test_greedy_output_equals_hugging_face(request, tiny, head, ring_name, strategy):
     ring = request.getfixturevalue(ring_name)

@@ -25,7 +25,7 @@ def test_every_strategy_over_three_zmq_stages_equals_hugging_face(tmp_path):
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
     proc = subprocess.run(
         [sys.executable, "-m", "engine.cli", "check", "--model", "smollm2-135m", "--stages", "3",
-         "--prompts", str(prompts), "--max-new-tokens", "24"],
+         "--prompts", str(prompts), "--max-new-tokens", "24", "--ring-slots", "4"],  # 4: a full ring on any machine
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
