@@ -23,13 +23,14 @@ class SpeculationConfig:
     expand_budget: int = 64  # drafts per re-draft after an acceptance (flowspec)
     segment_max: int = 16  # largest first-round segment; larger trees keep the rest waiting
     expand_segment_max: int = 64  # largest segment of appended nodes
-    ring_slots: int | None = None  # segments kept in flight; None = stages + 1
+    ring_slots: int | None = None  # segments kept in flight; None = by the ring (coordinator.default_slots)
+    solo_segment: int = 32  # flowspec's every segment when it keeps one in flight by default (shared cores)
     max_tree: int = 512  # nodes a tree may grow to by expansion
     pipedec_width: int = 16
     expand: bool = True  # flowspec: re-draft after each acceptance and refill emptied slots
 
     def __post_init__(self) -> None:
-        for name in ("topk", "depth", "segment_max", "expand_segment_max", "max_tree", "pipedec_width"):
+        for name in ("topk", "depth", "segment_max", "expand_segment_max", "max_tree", "pipedec_width", "solo_segment"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
         if self.ring_slots is not None and self.ring_slots < 1:

@@ -132,8 +132,13 @@ class Coordinator:
         self.slots = self.spec.ring_slots or ring.n_stages + 1
         if config.strategy == "ar":
             self.slots = 1
-        elif config.strategy == "flowspec" and not self.spec.ring_slots:
+        self.segment_max, self.expand_segment_max = self.spec.segment_max, self.spec.expand_segment_max
+        if config.strategy == "flowspec" and not self.spec.ring_slots:
             self.slots = default_slots(ring.n_stages, getattr(ring, "parallel_stages", ring.n_stages))
+            if self.slots == 1:
+                # Nothing to overlap: one segment per verification, as large as a forward stays cheap.
+                # Over 4 stage processes on 2 cores, 32/32 ran 11% faster than 16/64 (1 stage: 6%).
+                self.segment_max = self.expand_segment_max = self.spec.solo_segment
         self.eos_ids = set(eos_ids)
         self.on_tokens = on_tokens or (lambda ids: None)
         self.generator = torch.Generator().manual_seed(config.sampling.seed)
@@ -313,7 +318,7 @@ class Coordinator:
         else:
             self.tree = self._draft(self.spec.budget, self.spec.depth, self.spec.topk)
         self.sent = self.verified = 0
-        limit = None if self.config.strategy == "chunk" else self.spec.segment_max
+        limit = None if self.config.strategy == "chunk" else self.segment_max
         self.planned = [] if self.policy.by_level else split_sizes(len(self.tree), self.slots, limit)
         self._refill()
 
@@ -357,7 +362,7 @@ class Coordinator:
         if self.policy.by_level:
             depth = self.tree.depth
             return int(np.searchsorted(depth[self.sent :], depth[self.sent], side="right"))
-        return min(waiting, self.spec.expand_segment_max)
+        return min(waiting, self.expand_segment_max)
 
     def _send_tree_segment(self, size: int) -> None:
         a, b = self.sent, self.sent + size

@@ -7,6 +7,7 @@ import pytest
 
 from engine.config import SessionConfig, SpeculationConfig
 from engine.coordinator import default_slots
+from engine.wire import Segment
 from engine.stage import load_head
 from tests.integration.engine_kit import (decisive_model, first_difference, local_ring, make_drafter, prompt_ids,
                                           reference_greedy, run, save_model, single_thread)  # noqa: F401
@@ -60,3 +61,37 @@ def test_baselines_keep_stages_plus_one(tiny, strategy):
     result = run(ring, head, make_drafter("lookup", model_dir, head),
                  SessionConfig(strategy=strategy, max_new_tokens=8), prompt_ids(10, head.lm_head.shape[0], seed=4))
     assert result.ring_slots == 4
+
+
+class _SizeRecorder:
+    """Wraps a ring and notes the size of every decode segment the coordinator sends."""
+
+    def __init__(self, ring) -> None:
+        self.ring, self.sizes = ring, []
+
+    def send(self, msg, tensors):
+        if isinstance(msg, Segment) and msg.masked:
+            self.sizes.append(int(tensors[1].shape[0]))
+        self.ring.send(msg, tensors)
+
+    def __getattr__(self, name):
+        return getattr(self.ring, name)
+
+
+@pytest.mark.parametrize("ring_slots, parallel, largest", [(None, 1, (17, 32)), (None, None, (1, 16)), (1, None, (1, 64))])
+def test_one_segment_in_flight_by_default_is_a_solo_segment(tiny, ring_slots, parallel, largest):
+    """With one slot by default (shared cores) every segment holds up to `solo_segment` (32) nodes;
+    with a full ring, first-round segments hold up to `segment_max` (16); an explicit one-slot
+    setting keeps the segment settings as given (expansions up to 64)."""
+    model, model_dir = tiny
+    ring = _SizeRecorder(local_ring(model_dir, 3))
+    if parallel is not None:
+        ring.ring.parallel_stages = parallel
+    head = load_head(model_dir, "fp32")
+    ids = prompt_ids(12, head.lm_head.shape[0], seed=5)
+    config = SessionConfig(strategy="flowspec", max_new_tokens=N_NEW, speculation=SpeculationConfig(ring_slots=ring_slots))
+    result = run(ring, head, make_drafter("model", model_dir, head), config, ids)
+    assert result.token_ids == reference_greedy(model, ids, N_NEW)
+    first_round = ring.sizes[0]
+    assert largest[0] <= first_round <= largest[1], ring.sizes
+    assert max(ring.sizes) <= (32 if parallel == 1 else 64), ring.sizes
