@@ -130,16 +130,20 @@ def test_sized_prompts_reach_the_asked_length(bench):
             assert length - 8 <= len(ids) <= length
 
 
-def test_simulate_models_dedicated_devices_and_reports_its_error(bench, tmp_path):
+def one_prompt_bench(bench, out, *args: str) -> tuple[dict, object]:
+    """A bench of the tiny model on one prompt, 6 tokens, fp32, prompt lookup; returns (results, out)."""
     _, _, model = bench
-    prompts = tmp_path / "one.jsonl"
+    prompts = out.parent / f"{out.name}.jsonl"
     prompts.write_text(json.dumps({"prompt": "hello world, hello there", "category": "chat"}) + "\n")
-    out = tmp_path / "sim"
     code = main(["bench", "--model", str(model), "--draft", "lookup", "--prompts", str(prompts), "--max-new-tokens",
-                 "6", "--stages", "1,2", "--link-mbps", "100", "--link-latency-ms", "2", "--dtype", "fp32",
-                 "--simulate", "--out", str(out), "--no-progress"])
+                 "6", "--dtype", "fp32", "--out", str(out), "--no-progress", *args])
     assert code == 0
-    results = json.loads((out / "results.json").read_text())
+    return json.loads((out / "results.json").read_text()), out
+
+
+def test_simulate_models_dedicated_devices_and_reports_its_error(bench, tmp_path):
+    results, out = one_prompt_bench(bench, tmp_path / "sim", "--stages", "1,2", "--link-mbps", "100",
+                                    "--link-latency-ms", "2", "--simulate")
     assert results["meta"]["simulated"] is True
     assert all(r["kind"] == "strategy" for r in results["runs"])  # peers are never simulated
     for point in results["points"]:
@@ -163,15 +167,8 @@ def test_simulate_models_dedicated_devices_and_reports_its_error(bench, tmp_path
 
 
 def test_in_process_bench_runs_one_device_and_says_so(bench, tmp_path):
-    _, _, model = bench
-    prompts = tmp_path / "one.jsonl"
-    prompts.write_text(json.dumps({"prompt": "hello world, hello there", "category": "chat"}) + "\n")
-    out = tmp_path / "inproc"
-    code = main(["bench", "--model", str(model), "--draft", "lookup", "--prompts", str(prompts), "--max-new-tokens",
-                 "6", "--stages", "1", "--strategies", "ar,flowspec", "--peers", "hf", "--dtype", "fp32",
-                 "--in-process", "--out", str(out), "--no-progress"])
-    assert code == 0
-    results = json.loads((out / "results.json").read_text())
+    results, out = one_prompt_bench(bench, tmp_path / "inproc", "--stages", "1", "--strategies", "ar,flowspec",
+                                    "--peers", "hf", "--in-process")
     assert results["meta"]["placement"]["stage_threads"] == {"1": "in-process"}
     assert len({r["output_sha1"] for r in results["runs"]}) == 1  # fp32 greedy: both strategies equal the hf peer
     flowspec = next(r for r in results["runs"] if r["name"] == "flowspec")
