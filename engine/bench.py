@@ -440,7 +440,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None, b
                 if cfg.in_process:
                     import torch
 
-                    torch.set_num_threads(results["meta"]["machine"]["cores"])  # one device: every core is its
+                    # One device with every core (a process ring built earlier in this process took them down).
+                    torch.set_num_threads(results["meta"]["machine"]["cores"])
                 if cfg.simulate:
                     calibration = _simulated_ring(engine, spec.link, say)
                 results["meta"].setdefault("drafter", engine.drafter.name)

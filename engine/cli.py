@@ -37,8 +37,8 @@ def _add_tree_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk", type=int, default=10, help="draft tree: children per node")
     p.add_argument("--tree-budget", type=int, default=80, help="draft tree: draft tokens in a round's first tree")
     p.add_argument("--segment-max", type=int, default=16, help="largest first-round segment")
-    p.add_argument("--ring-slots", type=int, default=None, help="segments kept in flight (default: as many as "
-                   "the stages can compute at once, plus one)")
+    p.add_argument("--ring-slots", type=int, default=None, help="segments flowspec keeps in flight (default: "
+                   "stages + 1 with a device per stage, else as many as the stages can compute at once)")
 
 
 def _add_request_args(p: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from engine.config import SessionConfig
+from engine.config import STRATEGIES, SessionConfig, SpeculationConfig
 from engine.coordinator import Coordinator, Result
 from engine.draft import Drafter, EagleHead, HeadDrafter, LookupDrafter, ModelDrafter
 from engine.ring_local import LocalRing
@@ -28,6 +28,18 @@ from engine.stage_worker import StageWorker
 from tests.tiny_models import make_tiny_model
 
 DRAFTERS = ("lookup", "model", "head")
+
+# The strategies, plus "flowspec-full": flowspec with stages + 1 segments in flight (a device per
+# stage). Stage processes on few cores, or agents on one host, get one slot by default, so this case
+# keeps segments racing prunes through real sockets under test on any machine.
+RING_CASES = (*STRATEGIES, "flowspec-full")
+
+
+def case_config(case: str, n_stages: int, max_new_tokens: int) -> SessionConfig:
+    """The SessionConfig of a RING_CASES entry."""
+    strategy, _, full = case.partition("-")
+    spec = SpeculationConfig(ring_slots=n_stages + 1 if full else None)
+    return SessionConfig(strategy=strategy, max_new_tokens=max_new_tokens, speculation=spec)
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,12 @@ import pytest
 from engine import wire
 from engine.agent_client import AgentError, ClientKeys, Connection, hello, pair, stage_bundle, weight_chunks
 from engine.agent_ring import AgentRing
-from engine.config import STRATEGIES, SessionConfig, SpeculationConfig
 from engine.coordinator import Coordinator, StageLost
 from engine.draft import LookupDrafter
 from engine.ring_zmq import RingError
 from engine.stage import load_head
 from tests.integration.agent_kit import MAX_NEW_TOKENS, REPO_ROOT, AgentProcess, Tiny, make_tiny
+from tests.integration.engine_kit import RING_CASES, case_config
 
 pytestmark = pytest.mark.integration
 
@@ -70,15 +70,12 @@ def ring3(tiny, keys, three_agents):
 
 
 def coordinator(ring, tiny, case: str, max_new_tokens: int = MAX_NEW_TOKENS) -> Coordinator:
-    """`case` is a strategy, or "flowspec-full": stages + 1 segments in flight (agents on one host
-    count as one device, so flowspec would otherwise keep one)."""
-    strategy, _, full = case.partition("-")
-    spec = SpeculationConfig(ring_slots=ring.n_stages + 1 if full else None)
-    config = SessionConfig(strategy=strategy, max_new_tokens=max_new_tokens, speculation=spec)
+    """`case` is one of RING_CASES (agents on one host count as one device, so plain flowspec keeps one slot)."""
+    config = case_config(case, ring.n_stages, max_new_tokens)
     return Coordinator(ring, load_head(tiny.path, "fp32"), LookupDrafter(), config, eos_ids=set())
 
 
-@pytest.mark.parametrize("strategy", (*STRATEGIES, "flowspec-full"))
+@pytest.mark.parametrize("strategy", RING_CASES)
 def test_greedy_output_through_three_agents_equals_hugging_face(tiny, ring3, strategy):
     busy_before = ring3.stage_busy_s()
     result = coordinator(ring3, tiny, strategy).generate(tiny.prompt)

@@ -78,11 +78,11 @@ class _SizeRecorder:
         return getattr(self.ring, name)
 
 
-@pytest.mark.parametrize("ring_slots, parallel, largest", [(None, 1, (17, 32)), (None, None, (1, 16)), (1, None, (1, 64))])
+@pytest.mark.parametrize("ring_slots, parallel, largest", [(None, 1, (17, 32)), (None, None, (1, 16)), (1, None, (1, 16))])
 def test_one_segment_in_flight_by_default_is_a_solo_segment(tiny, ring_slots, parallel, largest):
     """With one slot by default (shared cores) every segment holds up to `solo_segment` (32) nodes;
-    with a full ring, first-round segments hold up to `segment_max` (16); an explicit one-slot
-    setting keeps the segment settings as given (expansions up to 64)."""
+    with a full ring, or one slot asked for explicitly, first-round segments hold up to
+    `segment_max` (16) and expansions up to `expand_segment_max` (64)."""
     model, model_dir = tiny
     ring = _SizeRecorder(local_ring(model_dir, 3))
     if parallel is not None:

@@ -28,12 +28,13 @@ import zmq
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from engine import wire
-from engine.config import STRATEGIES, LinkConfig, SessionConfig, SpeculationConfig
+from engine.config import LinkConfig
 from engine.coordinator import Coordinator, StageLost
 from engine.draft import LookupDrafter
 from engine.ring_zmq import ProcessRing, RingError
 from engine.stage import load_head
 from engine.stage_proc import LinkSender
+from tests.integration.engine_kit import RING_CASES, case_config
 
 pytestmark = pytest.mark.integration
 
@@ -86,16 +87,8 @@ def ring3(tiny):
         yield ring
 
 
-# flowspec keeps one segment in flight when the stage processes share few cores; "flowspec-full"
-# keeps stages + 1 (a device per stage), so segments and prunes race through the sockets everywhere.
-CASES = (*STRATEGIES, "flowspec-full")
-
-
 def make_coordinator(ring, head, case: str) -> Coordinator:
-    strategy, _, full = case.partition("-")
-    spec = SpeculationConfig(ring_slots=ring.n_stages + 1 if full else None)
-    config = SessionConfig(strategy=strategy, max_new_tokens=MAX_NEW_TOKENS, speculation=spec)
-    return Coordinator(ring, head, LookupDrafter(), config, eos_ids=set())
+    return Coordinator(ring, head, LookupDrafter(), case_config(case, ring.n_stages, MAX_NEW_TOKENS), eos_ids=set())
 
 
 def stage_processes(tag: str) -> list[psutil.Process]:
@@ -120,13 +113,15 @@ def wait_until(condition, timeout_s: float) -> bool:
 # --- equivalence with Hugging Face greedy decoding
 
 
-@pytest.mark.parametrize("strategy", CASES)
+@pytest.mark.parametrize("strategy", RING_CASES)
 @pytest.mark.parametrize("ring_name", ["ring2", "ring3"])
 def test_greedy_output_equals_hugging_face(request, tiny, head, ring_name, strategy):
     ring = request.getfixturevalue(ring_name)
     busy_before = ring.stage_busy_s()
     result = make_coordinator(ring, head, strategy).generate(tiny.prompt)
     assert result.token_ids == tiny.expected
+    if strategy == "flowspec-full":
+        assert result.ring_slots == ring.n_stages + 1 and result.in_flight > 1
     busy_after = ring.stage_busy_s()
     assert len(busy_after) == ring.n_stages
     assert all(after > before for after, before in zip(busy_after, busy_before))
