@@ -437,11 +437,6 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None, b
                                   link=LinkConfig(point.link_mbps, point.link_latency_ms),
                                   in_process=cfg.simulate or cfg.in_process)
                 engine, engine_key = Engine(spec, on_progress=lambda m: logger.info("%s", m)), key
-                if cfg.in_process:
-                    import torch
-
-                    # One device with every core (a process ring built earlier in this process took them down).
-                    torch.set_num_threads(results["meta"]["machine"]["cores"])
                 if cfg.simulate:
                     calibration = _simulated_ring(engine, spec.link, say)
                 results["meta"].setdefault("drafter", engine.drafter.name)
@@ -490,10 +485,7 @@ def _check_against_real(cfg: BenchConfig, point: Point, prompts, simulated: dict
     """Run the point for real (worker processes) and compare tokens/s medians with the simulation."""
     from engine.session import Engine, EngineSpec
 
-    import torch
-
     say(f"checking the simulation against real runs: {point.label}")
-    threads = torch.get_num_threads()  # a process ring sets this process's threads; the simulation wants them back
     spec = EngineSpec(model=cfg.model, n_stages=point.stages, dtype=cfg.dtype, draft=cfg.draft,
                       link=LinkConfig(point.link_mbps, point.link_latency_ms))
     with Engine(spec, on_progress=lambda m: logger.info("%s", m)) as engine:
@@ -502,7 +494,6 @@ def _check_against_real(cfg: BenchConfig, point: Point, prompts, simulated: dict
         with tqdm(total=len(prompts) * cfg.repeats * len(cfg.strategies), desc="real", unit="run",
                   disable=True) as pbar:
             real = medians(_run_point(cfg, engine, None, point, prompts, pbar))
-    torch.set_num_threads(threads)
     out = {}
     for name, row in simulated.items():
         if name in real and real[name]["tokens_per_s"]:

@@ -10,7 +10,9 @@ Phases, each resumable (progress in `<work>/state.json`, `<work>` = `<out>/work`
 3. *train*: engine/distill_train.py; checkpoints in `<work>/checkpoint.pt`.
 4. *save*: `<out>/model.safetensors` (head weights only, EAGLE-1 keys `fc.*`, `layers.0.*`, bf16)
    and `<out>/config.json` (the head's LlamaConfig plus a `flowspec` object: the target and its
-   fingerprint (engine/heads.py), and training stats). `<work>` is removed unless `keep_work`.
+   fingerprint (engine/heads.py), and training stats). `<out>/draft_vocab.json`: the fewest token
+   ids that make up 99.9% of the generated answers, which the head drafts from (skipped when that
+   would keep more than half the vocabulary). `<work>` is removed unless `keep_work`.
 
 Determinism: python, numpy and torch are seeded; with no time budget (`minutes=None`) two runs
 with one seed give identical weights, and an interrupted run resumed from its checkpoint
@@ -175,7 +177,9 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, progress: Progress 
                                   for name, a, b in zip(("generate", "features", "train"), marks, marks[1:])}
     if command:
         stats["command"] = command
-    save_head(head, resolved, cfg.out, stats)
+    from engine.stage import model_config
+
+    save_head(head, resolved, cfg.out, stats, draft_vocabulary(cfg.work_dir / "gen", model_config(resolved.path).vocab_size))
     state["phase"] = "done"
     _save_state(cfg, state, clock)
     say(f"wrote {cfg.out / 'model.safetensors'} in {clock.used() / 60:.1f} min; validation top-1 {stats['val_top1']}")
@@ -339,8 +343,36 @@ def _features(cfg: DistillConfig, model, say: Progress, max_tokens: int = 8192) 
 # --- output
 
 
-def save_head(head, resolved, out: Path, stats: dict) -> None:
-    """Write model.safetensors (head weights, bf16) and config.json with flowspec metadata."""
+DRAFT_VOCAB_COVERAGE = 0.999
+
+
+def draft_vocabulary(gen_dir: Path, vocab: int, coverage: float = DRAFT_VOCAB_COVERAGE) -> dict | None:
+    """The fewest token ids (ascending, a multiple of 64) that make up `coverage` of the answer
+    tokens in the generated shards, as draft_vocab.json holds them; None when that would keep more
+    than half the vocabulary (too little to gain)."""
+    counts = np.zeros(vocab, dtype=np.int64)
+    for shard in _shards(gen_dir):
+        data = load_file(shard)
+        ids, lengths = data["ids"].numpy(), data["lengths"].numpy()
+        starts = np.concatenate(([0], np.cumsum(lengths)))
+        answer = np.concatenate([ids[a + p : b] for a, b, p in zip(starts, starts[1:], data["prompt_lengths"].numpy())])
+        counts += np.bincount(answer, minlength=vocab)[:vocab]
+    total = int(counts.sum())
+    if not total:
+        return None
+    ranked = np.argsort(-counts, kind="stable")
+    n = int(np.searchsorted(np.cumsum(counts[ranked]), coverage * total)) + 1
+    n = min(vocab, -(-n // 64) * 64)
+    if n > vocab // 2:
+        return None
+    ids = np.sort(ranked[:n])
+    return {"ids": ids.tolist(), "coverage": round(float(counts[ids].sum()) / total, 5), "answer_tokens": total}
+
+
+def save_head(head, resolved, out: Path, stats: dict, draft_vocab: dict | None = None) -> None:
+    """Write model.safetensors (head weights, bf16), config.json with flowspec metadata and, when
+    given, draft_vocab.json."""
+    from engine.draft import DRAFT_VOCAB_FILE
     from engine.heads import FINGERPRINT_SCOPE, head_config_dict, target_fingerprint
     from engine.stage import model_config
 
@@ -359,4 +391,10 @@ def save_head(head, resolved, out: Path, stats: dict) -> None:
                    "weights_hash_scope": FINGERPRINT_SCOPE},
         "training": stats,
     }
+    vocab_file = out / DRAFT_VOCAB_FILE
+    vocab_file.unlink(missing_ok=True)
+    if draft_vocab is not None:
+        raw["flowspec"]["draft_vocab"] = {"file": DRAFT_VOCAB_FILE, "size": len(draft_vocab["ids"]),
+                                          "coverage": draft_vocab["coverage"]}
+        vocab_file.write_text(json.dumps(draft_vocab) + "\n")
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")

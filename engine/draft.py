@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.nn import functional as F
 from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from engine.stage import DTYPES, Head, KVCache, attention_mask, load_head, load_stage, model_config
 from engine.tree import Order, TokenTree, TreeBuilder, build_tree, from_parents
@@ -73,6 +74,8 @@ class EagleHead(nn.Module):
         self.layers = nn.ModuleList([LlamaDecoderLayer(config, 0)])
         self.layers[0].input_layernorm = nn.Identity()
         self.rotary = LlamaRotaryEmbedding(config=config)
+        self.draft_ids: torch.Tensor | None = None  # the head's draft vocabulary (ascending ids), if it has one
+        self._fused: tuple | None = None  # draft_step's fused weights, made on its first call
 
     def forward(self, embeds: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
                 cache: KVCache | None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,6 +90,38 @@ class EagleHead(nn.Module):
         if cache is not None:
             cache.commit_write()
         return out[0]
+
+
+    @torch.inference_mode()
+    def draft_step(self, embeds: torch.Tensor, features: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                   mask: torch.Tensor) -> torch.Tensor:
+        """`forward` with a cache, for a frozen head: the same layer in fewer, fused operations
+        (one matmul for q, k and v, one for gate and up, grouped-query attention without copying
+        K/V per query head). Drafting calls it a few times per verification."""
+        if self._fused is None:
+            attn, mlp = self.layers[0].self_attn, self.layers[0].mlp
+            self._fused = (torch.cat((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)),
+                           None if attn.q_proj.bias is None else torch.cat((attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias)),
+                           torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight)))
+        qkv_w, qkv_b, gate_up_w = self._fused
+        layer = self.layers[0]
+        attn = layer.self_attn
+        t, d = embeds.shape[0], attn.head_dim
+        n_q, n_kv = self.config.num_attention_heads * d, self.config.num_key_value_heads * d
+        x = self.fc(torch.cat((embeds, features), dim=-1))  # [T, hidden]
+        qkv = F.linear(x, qkv_w, qkv_b)
+        q = qkv[:, :n_q].view(1, t, -1, d).transpose(1, 2)  # [1, heads, T, d]
+        k = qkv[:, n_q : n_q + n_kv].view(1, t, -1, d).transpose(1, 2)
+        v = qkv[:, n_q + n_kv :].view(1, t, -1, d).transpose(1, 2)
+        cos, sin = self.rotary(x[None], positions[None])
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        cache.reserve(t)
+        keys, values = cache.update(k, v, 0)
+        cache.commit_write()
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+        h = x + attn.o_proj(o.transpose(1, 2).reshape(t, n_q))
+        gate, up = F.linear(layer.post_attention_layernorm(h), gate_up_w).chunk(2, dim=-1)
+        return h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
 
 
 def _layer_params() -> set[str]:
@@ -132,7 +167,28 @@ def load_eagle_head(path: Path, dtype: torch.dtype, target_dir: Path | None = No
     if missing or unexpected:
         raise DraftError(f"{path}: draft head weights do not match the EAGLE-1 layout "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    head.draft_ids = read_draft_vocab(path, config.vocab_size)
     return head.to(dtype).eval()
+
+
+DRAFT_VOCAB_FILE = "draft_vocab.json"
+
+
+def read_draft_vocab(path: Path, vocab: int) -> torch.Tensor | None:
+    """The head's draft vocabulary (ascending token ids) from draft_vocab.json, or None without one."""
+    file = Path(path) / DRAFT_VOCAB_FILE
+    if not file.is_file():
+        return None
+    try:
+        ids = json.loads(file.read_text(encoding="utf-8"))["ids"]
+        ids = torch.tensor(ids, dtype=torch.long)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as error:
+        raise DraftError(f"{file} is not a draft vocabulary ({error}): expected {{\"ids\": [ascending token ids]}}; "
+                         "delete it to draft from the whole vocabulary") from error
+    if ids.ndim != 1 or not len(ids) or int(ids.min()) < 0 or int(ids.max()) >= vocab or bool((ids[1:] <= ids[:-1]).any()):
+        raise DraftError(f"{file} must list distinct token ids below {vocab} in ascending order; "
+                         "delete it to draft from the whole vocabulary")
+    return ids
 
 
 class HeadDrafter:
@@ -140,15 +196,17 @@ class HeadDrafter:
 
     name = "head"
 
-    def __init__(self, head: EagleHead, target: Head, draft_vocab: int | None = None) -> None:
+    def __init__(self, head: EagleHead, target: Head, draft_ids: torch.Tensor | None = None) -> None:
         if head.config.hidden_size != target.embed.shape[1]:
             raise DraftError(f"draft head hidden size {head.config.hidden_size} != target's {target.embed.shape[1]}")
         self.head, self.target = head, target
-        # Drafts come from the first `draft_vocab` token ids only (None: all). Byte-level BPE ids follow
-        # merge order, so the low ids are the frequent tokens; the LM head rows read per draft level
-        # shrink in proportion. Verification always uses the full head, so outputs do not change.
-        n = target.lm_head.shape[0] if draft_vocab is None else min(draft_vocab, target.lm_head.shape[0])
-        self._draft_lm_head = target.lm_head.detach()[:n]
+        # Drafts come from `draft_ids` only (ascending token ids; None: all). The LM head rows read per
+        # draft level shrink in proportion. Verification always uses the full head: outputs do not change.
+        lm_head = target.lm_head.detach()
+        if draft_ids is not None and int(draft_ids.max()) >= lm_head.shape[0]:
+            raise DraftError(f"draft vocabulary holds token id {int(draft_ids.max())}, past the target's {lm_head.shape[0]}")
+        self._draft_ids = None if draft_ids is None else draft_ids.numpy()
+        self._draft_lm_head = lm_head if draft_ids is None else lm_head[draft_ids].contiguous()
         cfg = head.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         dtype = next(head.parameters()).dtype
@@ -193,7 +251,7 @@ class HeadDrafter:
             feats = torch.stack(self.features[self.n_pairs : self.n_pairs + n_new])
             pos = torch.arange(self.n_pairs, self.n_pairs + n_new)
             mask = attention_mask(n_new, self.cache.length, None, None)
-            out = self.head(self.target.embed[toks], feats, pos, self.cache, mask)
+            out = self.head.draft_step(self.target.embed[toks], feats, pos, self.cache, mask)
             self.n_pairs += n_new
             self._last = out[-1]
         if self._last is None:
@@ -201,7 +259,7 @@ class HeadDrafter:
         committed = self._committed = self.cache.length
         rows = _TreeRows()
         outputs: list[torch.Tensor] = []
-        k = min(topk, self.target.lm_head.shape[0])
+        k = min(topk, self._draft_lm_head.shape[0])
 
         def step(tokens: np.ndarray, parent_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             feats = torch.stack([self._last if p < 0 else outputs[p] for p in parent_rows])
@@ -209,11 +267,11 @@ class HeadDrafter:
             depth_ = torch.from_numpy(rows.depth(np.arange(len(outputs), len(outputs) + len(tokens))))
             pos = committed - 1 + depth_
             mask = attention_mask(len(tokens), self.cache.length, committed, tree_mask)
-            out = self.head(self.target.embed[torch.from_numpy(tokens)], feats, pos, self.cache, mask)
+            out = self.head.draft_step(self.target.embed[torch.from_numpy(tokens)], feats, pos, self.cache, mask)
             outputs.extend(out)
-            return top_logprobs(self._logits(out), k)
+            return self._top(out, k)
 
-        ids, lps = top_logprobs(self._logits(self._last[None]), k)
+        ids, lps = self._top(self._last[None], k)
         self._builder = TreeBuilder(self.tokens[-1], (ids[0], lps[0]), step, topk)
         self._builder_key = key
         try:
@@ -236,27 +294,27 @@ class HeadDrafter:
         c.values[:, :, :, a : a + n] = values
         c.length = a + n
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[T, hidden] -> [T, draft vocabulary] float32 logits."""
-        return torch.nn.functional.linear(hidden.to(self._draft_lm_head.dtype), self._draft_lm_head).float()
+    def _top(self, hidden: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """[T, hidden] -> each row's k best (token ids, log-probs) over the draft vocabulary."""
+        ids, lps = top_logprobs(torch.nn.functional.linear(hidden.to(self._draft_lm_head.dtype), self._draft_lm_head), k)
+        return (ids if self._draft_ids is None else self._draft_ids[ids]), lps
 
 
 def top_logprobs(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Each row's k best (token ids, log-probs) of [R, V] logits, best first, ties to the lower id."""
     logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    vals, idx = torch.topk(logits, k, dim=-1)
-    n_at_least = (logits >= vals[:, -1:]).sum(dim=-1).tolist()
-    ids, top = idx.numpy().copy(), vals.numpy().copy()
-    for r, n in enumerate(n_at_least):
-        if n > k:  # a tie at the boundary: the lowest ids among the tied win, as engine.tree._topk does
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True).numpy()
+    vals, idx = torch.topk(logits, min(k + 1, logits.shape[-1]), dim=-1)  # one more, to see a tie at the boundary
+    ids, top = idx.numpy()[:, :k].copy(), vals.numpy()[:, :k].copy()
+    if vals.shape[-1] > k:
+        for r in np.flatnonzero(vals.numpy()[:, k] == top[:, -1]):
+            # a tie at the boundary: the lowest ids among the tied win, as engine.tree._topk does
             row = logits[r].numpy()
             cand = np.flatnonzero(row >= top[r, -1])
             ids[r] = cand[np.lexsort((cand, -row[cand]))][:k]
             top[r] = row[ids[r]]
-        order = np.lexsort((ids[r], -top[r]))
-        ids[r], top[r] = ids[r][order], top[r][order]
-    return ids, top - lse.numpy()
+    order = np.lexsort((ids, -top), axis=-1)
+    return np.take_along_axis(ids, order, -1), np.take_along_axis(top, order, -1) - lse
 
 
 class ModelDrafter:
@@ -350,10 +408,14 @@ class LookupDrafter:
         return tree
 
 
-def default_draft_vocab(vocab: int) -> int | None:
-    """The ids a head drafts from: the first third of a large vocabulary (the frequent BPE tokens,
-    as frequency-ranked drafting does), all of a small one."""
-    return vocab // 3 if vocab > 32768 else None
+def default_draft_ids(head: EagleHead, vocab: int) -> torch.Tensor | None:
+    """The ids a head drafts from: its own draft vocabulary when it has one (`flowspec distill` writes
+    the tokens that make up nearly all of the target's answers), else the first third of a large
+    vocabulary (byte-level BPE ids follow merge order, so the low ids are the frequent tokens),
+    else all of a small one."""
+    if head.draft_ids is not None:
+        return head.draft_ids
+    return torch.arange(vocab // 3) if vocab > 32768 else None
 
 
 def make_drafter(spec: str | None, target_ref: str, target: Head, dtype: str) -> Drafter:
@@ -366,7 +428,7 @@ def make_drafter(spec: str | None, target_ref: str, target: Head, dtype: str) ->
         return LookupDrafter()
     if spec.startswith("head:"):
         head = load_eagle_head(Path(spec[5:]), DTYPES[dtype], Path(target_ref) if Path(target_ref).is_dir() else None)
-        return HeadDrafter(head, target, default_draft_vocab(vocab))
+        return HeadDrafter(head, target, default_draft_ids(head, vocab))
     try:
         return ModelDrafter(spec, dtype, vocab)
     except DraftError:

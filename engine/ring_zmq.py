@@ -128,6 +128,7 @@ class ProcessRing:
         self._pull: zmq.Socket | None = None
         self._poller = zmq.Poller()
         self._closed = False
+        self._threads_before = torch.get_num_threads()  # given back on close: the coordinator's count is for this ring
         atexit.register(self.close)
         threads = threads_per_stage or default_threads(len(bounds))
         try:
@@ -180,6 +181,7 @@ class ProcessRing:
             return
         self._closed = True
         atexit.unregister(self.close)
+        torch.set_num_threads(self._threads_before)
         for worker in self._workers:
             if worker.proc.poll() is not None:
                 continue

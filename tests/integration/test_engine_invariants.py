@@ -408,6 +408,27 @@ def test_head_drafter_incremental_feeding_equals_whole_context(target):
     np.testing.assert_allclose(tree.scores, want.scores, atol=1e-4)
 
 
+def test_head_draft_step_equals_the_decoder_layer_forward(target):
+    """The fused drafting step computes what the Hugging Face layer computes, cache included."""
+    from engine.stage import KVCache, attention_mask
+
+    _, _, head = target
+    eagle = random_eagle_head(head.config, seed=11)
+    cfg = eagle.config
+    caches = [KVCache([0], cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads, torch.float32) for _ in range(2)]
+    gen = torch.Generator().manual_seed(12)
+    with torch.inference_mode():
+        for past, t, tree in ((0, 7, None), (7, 3, torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool))):
+            embeds, feats = torch.randn(t, 64, generator=gen), torch.randn(t, 64, generator=gen)
+            pos = torch.arange(past, past + t)
+            mask = attention_mask(t, past, past if tree is not None else None, tree)
+            want = eagle(embeds, feats, pos, caches[0], mask)
+            got = eagle.draft_step(embeds, feats, pos, caches[1], mask)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert caches[0].length == caches[1].length == 10
+    torch.testing.assert_close(caches[1].keys[..., :10, :], caches[0].keys[..., :10, :], atol=1e-5, rtol=1e-4)
+
+
 # --- (f) EAGLE-1 head files
 
 
@@ -440,6 +461,39 @@ def test_eagle1_layout_head_loads_and_drafts_like_the_in_memory_head(target, tmp
         drafter.extend(tokens, features[:-1])
         trees.append(drafter.draft(topk=5, depth=3, budget=15, order="score"))
     assert np.array_equal(trees[0].tokens, trees[1].tokens) and np.array_equal(trees[0].parents, trees[1].parents)
+
+
+def test_head_drafts_from_its_draft_vocabulary_only(target, tmp_path):
+    """draft_vocab.json next to a head limits the tokens it drafts; a vocabulary of every id drafts
+    exactly the tree of the whole LM head; a malformed file is refused with what to do."""
+    model, directory, head = target
+    eagle = random_eagle_head(head.config, seed=9)
+    tokens = prompt_ids(16, 320, seed=10)
+    with torch.inference_mode():
+        features = model.model(torch.tensor([tokens])).last_hidden_state[0]
+
+    def tree_of(drafter):
+        drafter.extend(tokens, features[:-1])
+        return drafter.draft(topk=5, depth=3, budget=20, order="score")
+
+    whole = tree_of(HeadDrafter(eagle, head))
+    same = tree_of(HeadDrafter(eagle, head, torch.arange(320)))
+    assert np.array_equal(whole.tokens, same.tokens) and np.array_equal(whole.parents, same.parents)
+    np.testing.assert_allclose(whole.scores, same.scores, atol=1e-5)
+    assert set(whole.tokens[1:].tolist()) & set(range(1, 320, 2))  # the whole head drafts some odd ids here
+
+    path = _save_eagle1(eagle, tmp_path / "eagle")
+    (path / "draft_vocab.json").write_text(json.dumps({"ids": list(range(0, 320, 2))}))
+    even = tree_of(engine_make_drafter(f"head:{path}", str(directory), head, "fp32"))
+    assert len(even) == 21 and all(t % 2 == 0 for t in even.tokens[1:].tolist())
+    first = {int(t): sc for t, sc, par in zip(whole.tokens, whole.scores, whole.parents) if par == 0}
+    common = [(first[int(t)], sc) for t, sc, par in zip(even.tokens, even.scores, even.parents) if par == 0 and int(t) in first]
+    assert common and all(sub > full for full, sub in common)  # log-probs renormalised over fewer tokens
+
+    for bad in ('{"ids": [4, 2]}', '{"ids": [1, 320]}', "not json", '{"tokens": [1]}'):
+        (path / "draft_vocab.json").write_text(bad)
+        with pytest.raises(DraftError, match="draft_vocab.json .*delete it to draft from the whole vocabulary"):
+            engine_make_drafter(f"head:{path}", str(directory), head, "fp32")
 
 
 def test_head_of_another_hidden_size_is_refused(target, tmp_path):

@@ -179,8 +179,11 @@ def test_malformed_frames_are_logged_and_skipped(ring2, tiny, head, caplog):
 
 def test_killed_worker_raises_stage_lost_and_close_leaves_no_children(tiny, head):
     progress: list[str] = []
+    threads, odd = torch.get_num_threads(), os.cpu_count() + 1  # more than the coordinator's share can be
+    torch.set_num_threads(odd)
     ring = ProcessRing(tiny.path, [(0, 2), (2, 4)], "fp32", on_progress=progress.append)
     try:
+        assert torch.get_num_threads() == ring.coordinator_threads
         assert "stage 2/2: loading layers 2-3 ..." in progress
         assert any(line.startswith("stage 2/2 ready in") for line in progress)
         coordinator = make_coordinator(ring, head, "ar")
@@ -195,6 +198,8 @@ def test_killed_worker_raises_stage_lost_and_close_leaves_no_children(tiny, head
         assert time.monotonic() - t0 < STAGE_LOST_WITHIN_S
     finally:
         ring.close()
+        assert torch.get_num_threads() == odd  # the process's own thread count is given back
+        torch.set_num_threads(threads)
     children = psutil.Process().children(recursive=True)
     assert not [child for child in children if child.pid in ring.pids and child.is_running()]
     assert stage_processes(ring.tag) == []

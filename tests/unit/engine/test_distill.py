@@ -126,3 +126,47 @@ def test_loss_covers_answer_pairs_only():
     assert batch.loss_mask.tolist() == [[False, False, True, True, False, False],
                                         [False, True, False, False, False, False]]
     assert batch.ids[1].tolist() == [6, 7, 8, 9, 0, 0]
+
+
+# --- draft vocabulary
+
+
+def _write_gen_shard(path, rows: list[tuple[list[int], list[int]]]) -> None:
+    """A generation shard of (prompt, answer) rows, as the generate phase writes them."""
+    from safetensors.torch import save_file
+
+    ids = [t for prompt, answer in rows for t in prompt + answer]
+    save_file({"ids": torch.tensor(ids, dtype=torch.int32),
+               "lengths": torch.tensor([len(p) + len(a) for p, a in rows], dtype=torch.int32),
+               "prompt_lengths": torch.tensor([len(p) for p, _ in rows], dtype=torch.int32)}, str(path))
+
+
+def test_draft_vocabulary_keeps_the_fewest_answer_tokens_that_cover_the_answers(tmp_path):
+    from engine.distill import draft_vocabulary
+
+    # answers: token 140 x 600, ids 0..98 x 4 each, token 5 once more; prompts use ids 150..199 only
+    answers = [140] * 600 + [i for i in range(99) for _ in range(4)] + [5]
+    _write_gen_shard(tmp_path / "a-00000.safetensors", [(list(range(150, 200)), answers[:500])])
+    _write_gen_shard(tmp_path / "b-00000.safetensors", [([151, 152], answers[500:])])
+    got = draft_vocabulary(tmp_path, 320, coverage=0.999)
+    assert got["answer_tokens"] == len(answers) == 997
+    # 100 distinct answer tokens, rounded up to 128 ids: the rest are the lowest unused ids, never prompt-only ones
+    assert got["ids"] == list(range(127)) + [140]
+    assert got["coverage"] == 1.0
+    low = draft_vocabulary(tmp_path, 320, coverage=0.6)  # token 140 alone covers 60.2%
+    assert 140 in low["ids"] and 5 in low["ids"] and len(low["ids"]) == 64 and low["coverage"] < 1.0
+    assert draft_vocabulary(tmp_path, 250) is None  # 128 of 250 ids: more than half, too little to gain
+    assert draft_vocabulary(tmp_path / "missing", 320) is None
+
+
+def test_top_logprobs_breaks_ties_at_the_boundary_towards_lower_ids():
+    from engine.draft import top_logprobs
+
+    logits = torch.tensor([[0.0, 3.0, 1.0, 3.0, 1.0, 1.0, 2.0],  # tie 1.0 x3 at the boundary of k=4
+                           [5.0, 4.0, 4.0, 0.0, 4.0, 4.0, 1.0],  # tie 4.0 x4 inside and across the boundary
+                           [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]])
+    ids, lps = top_logprobs(logits, 4)
+    assert ids.tolist() == [[1, 3, 6, 2], [0, 1, 2, 4], [6, 5, 4, 3]]
+    want = torch.log_softmax(logits, -1).gather(1, torch.from_numpy(ids)).numpy()
+    np.testing.assert_allclose(lps, want, rtol=1e-6)
+    assert top_logprobs(logits[:, :3], 5)[0].tolist() == [[1, 2, 0], [0, 1, 2], [2, 1, 0]]  # k past the vocabulary
