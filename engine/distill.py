@@ -177,9 +177,7 @@ def run_distill(cfg: DistillConfig, *, resume: bool = False, progress: Progress 
                                   for name, a, b in zip(("generate", "features", "train"), marks, marks[1:])}
     if command:
         stats["command"] = command
-    from engine.stage import model_config
-
-    save_head(head, resolved, cfg.out, stats, draft_vocabulary(cfg.work_dir / "gen", model_config(resolved.path).vocab_size))
+    save_head(head, resolved, cfg.out, stats, cfg.work_dir / "gen")
     state["phase"] = "done"
     _save_state(cfg, state, clock)
     say(f"wrote {cfg.out / 'model.safetensors'} in {clock.used() / 60:.1f} min; validation top-1 {stats['val_top1']}")
@@ -369,9 +367,9 @@ def draft_vocabulary(gen_dir: Path, vocab: int, coverage: float = DRAFT_VOCAB_CO
     return {"ids": ids.tolist(), "coverage": round(float(counts[ids].sum()) / total, 5), "answer_tokens": total}
 
 
-def save_head(head, resolved, out: Path, stats: dict, draft_vocab: dict | None = None) -> None:
-    """Write model.safetensors (head weights, bf16), config.json with flowspec metadata and, when
-    given, draft_vocab.json."""
+def save_head(head, resolved, out: Path, stats: dict, gen_dir: Path | None = None) -> None:
+    """Write model.safetensors (head weights, bf16), config.json with flowspec metadata and, from
+    the answers in `gen_dir`, draft_vocab.json (see `draft_vocabulary`)."""
     from engine.draft import DRAFT_VOCAB_FILE
     from engine.heads import FINGERPRINT_SCOPE, head_config_dict, target_fingerprint
     from engine.stage import model_config
@@ -393,6 +391,7 @@ def save_head(head, resolved, out: Path, stats: dict, draft_vocab: dict | None =
     }
     vocab_file = out / DRAFT_VOCAB_FILE
     vocab_file.unlink(missing_ok=True)
+    draft_vocab = draft_vocabulary(gen_dir, target_config.vocab_size) if gen_dir is not None else None
     if draft_vocab is not None:
         raw["flowspec"]["draft_vocab"] = {"file": DRAFT_VOCAB_FILE, "size": len(draft_vocab["ids"]),
                                           "coverage": draft_vocab["coverage"]}

@@ -17,11 +17,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torch.nn import functional as F
 from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from engine.stage import DTYPES, Head, KVCache, attention_mask, load_head, load_stage, model_config
+from engine.stage import ATTENTION, DTYPES, Head, KVCache, attention_mask, load_head, load_stage, model_config
 from engine.tree import Order, TokenTree, TreeBuilder, build_tree, from_parents
 
 logger = logging.getLogger(__name__)
@@ -68,14 +67,13 @@ class EagleHead(nn.Module):
 
     def __init__(self, config: LlamaConfig, bias: bool = True) -> None:
         super().__init__()
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = ATTENTION  # grouped-query attention without K/V copies
         self.config = config
         self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=bias)
         self.layers = nn.ModuleList([LlamaDecoderLayer(config, 0)])
         self.layers[0].input_layernorm = nn.Identity()
         self.rotary = LlamaRotaryEmbedding(config=config)
         self.draft_ids: torch.Tensor | None = None  # the head's draft vocabulary (ascending ids), if it has one
-        self._fused: tuple | None = None  # draft_step's fused weights, made on its first call
 
     def forward(self, embeds: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
                 cache: KVCache | None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,38 +88,6 @@ class EagleHead(nn.Module):
         if cache is not None:
             cache.commit_write()
         return out[0]
-
-
-    @torch.inference_mode()
-    def draft_step(self, embeds: torch.Tensor, features: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                   mask: torch.Tensor) -> torch.Tensor:
-        """`forward` with a cache, for a frozen head: the same layer in fewer, fused operations
-        (one matmul for q, k and v, one for gate and up, grouped-query attention without copying
-        K/V per query head). Drafting calls it a few times per verification."""
-        if self._fused is None:
-            attn, mlp = self.layers[0].self_attn, self.layers[0].mlp
-            self._fused = (torch.cat((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)),
-                           None if attn.q_proj.bias is None else torch.cat((attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias)),
-                           torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight)))
-        qkv_w, qkv_b, gate_up_w = self._fused
-        layer = self.layers[0]
-        attn = layer.self_attn
-        t, d = embeds.shape[0], attn.head_dim
-        n_q, n_kv = self.config.num_attention_heads * d, self.config.num_key_value_heads * d
-        x = self.fc(torch.cat((embeds, features), dim=-1))  # [T, hidden]
-        qkv = F.linear(x, qkv_w, qkv_b)
-        q = qkv[:, :n_q].view(1, t, -1, d).transpose(1, 2)  # [1, heads, T, d]
-        k = qkv[:, n_q : n_q + n_kv].view(1, t, -1, d).transpose(1, 2)
-        v = qkv[:, n_q + n_kv :].view(1, t, -1, d).transpose(1, 2)
-        cos, sin = self.rotary(x[None], positions[None])
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        cache.reserve(t)
-        keys, values = cache.update(k, v, 0)
-        cache.commit_write()
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
-        h = x + attn.o_proj(o.transpose(1, 2).reshape(t, n_q))
-        gate, up = F.linear(layer.post_attention_layernorm(h), gate_up_w).chunk(2, dim=-1)
-        return h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
 
 
 def _layer_params() -> set[str]:
@@ -251,7 +217,7 @@ class HeadDrafter:
             feats = torch.stack(self.features[self.n_pairs : self.n_pairs + n_new])
             pos = torch.arange(self.n_pairs, self.n_pairs + n_new)
             mask = attention_mask(n_new, self.cache.length, None, None)
-            out = self.head.draft_step(self.target.embed[toks], feats, pos, self.cache, mask)
+            out = self.head(self.target.embed[toks], feats, pos, self.cache, mask)
             self.n_pairs += n_new
             self._last = out[-1]
         if self._last is None:
@@ -267,7 +233,7 @@ class HeadDrafter:
             depth_ = torch.from_numpy(rows.depth(np.arange(len(outputs), len(outputs) + len(tokens))))
             pos = committed - 1 + depth_
             mask = attention_mask(len(tokens), self.cache.length, committed, tree_mask)
-            out = self.head.draft_step(self.target.embed[torch.from_numpy(tokens)], feats, pos, self.cache, mask)
+            out = self.head(self.target.embed[torch.from_numpy(tokens)], feats, pos, self.cache, mask)
             outputs.extend(out)
             return self._top(out, k)
 

@@ -55,6 +55,8 @@ def test_distill_writes_an_eagle1_head_for_its_target(tiny):
     meta = json.loads((out / "config.json").read_text())["flowspec"]
     vocab_file = ["draft_vocab.json"] if "draft_vocab" in meta else []  # written when it drops half the vocabulary
     assert sorted(p.name for p in out.iterdir()) == ["config.json", *vocab_file, "model.safetensors"]  # work removed
+    if vocab_file:
+        assert len(json.loads((out / "draft_vocab.json").read_text())["ids"]) == meta["draft_vocab"]["size"] <= 160
     assert set(_weights(out)) == EAGLE1_KEYS  # no embedding, no LM head
     assert meta["target"]["hidden_size"] == 64 and meta["target"]["vocab_size"] == 320
     assert meta["target"]["weights_sha256"] == heads.target_fingerprint(model)

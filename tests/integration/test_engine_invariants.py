@@ -408,27 +408,6 @@ def test_head_drafter_incremental_feeding_equals_whole_context(target):
     np.testing.assert_allclose(tree.scores, want.scores, atol=1e-4)
 
 
-def test_head_draft_step_equals_the_decoder_layer_forward(target):
-    """The fused drafting step computes what the Hugging Face layer computes, cache included."""
-    from engine.stage import KVCache, attention_mask
-
-    _, _, head = target
-    eagle = random_eagle_head(head.config, seed=11)
-    cfg = eagle.config
-    caches = [KVCache([0], cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads, torch.float32) for _ in range(2)]
-    gen = torch.Generator().manual_seed(12)
-    with torch.inference_mode():
-        for past, t, tree in ((0, 7, None), (7, 3, torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool))):
-            embeds, feats = torch.randn(t, 64, generator=gen), torch.randn(t, 64, generator=gen)
-            pos = torch.arange(past, past + t)
-            mask = attention_mask(t, past, past if tree is not None else None, tree)
-            want = eagle(embeds, feats, pos, caches[0], mask)
-            got = eagle.draft_step(embeds, feats, pos, caches[1], mask)
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
-    assert caches[0].length == caches[1].length == 10
-    torch.testing.assert_close(caches[1].keys[..., :10, :], caches[0].keys[..., :10, :], atol=1e-5, rtol=1e-4)
-
-
 # --- (f) EAGLE-1 head files
 
 
