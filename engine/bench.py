@@ -274,6 +274,7 @@ class Run:
     ring_occupancy: float | None = None
     coordinator_ms_per_turn: float | None = None
     draft_ms_per_turn: float | None = None
+    stage_threads: int | None = None  # torch threads per stage worker in this run (None: in-process)
     stopped_by: str = ""
     output_sha1: str = ""
 
@@ -292,6 +293,7 @@ def strategy_run(engine, cfg: BenchConfig, point: Point, name: str, ids: list[in
                verifications=r.verifications, rounds=r.rounds, turns=r.turns, stage_busy=list(r.stage_busy),
                ring_slots=r.ring_slots, ring_occupancy=r.in_flight,
                coordinator_ms_per_turn=1000 * r.coordinator_s / turns, draft_ms_per_turn=1000 * r.draft_s / turns,
+               stage_threads=r.stage_threads or None,
                stopped_by=r.stopped_by, output_sha1=_sha1(r.token_ids), **meta)
 
 
@@ -387,6 +389,7 @@ def medians(runs: list[dict]) -> dict[str, dict]:
         busy = [r["stage_busy"] for r in mine if r.get("stage_busy")]
         row["stage_busy"] = [float(statistics.median(col)) for col in zip(*busy)] if busy else []
         row["ring_slots"] = mine[0].get("ring_slots")
+        row["stage_threads"] = mine[0].get("stage_threads")
         row["kind"] = mine[0]["kind"]
         row["runs"] = len(mine)
         total_s = sum(r["seconds"] for r in mine)

@@ -91,6 +91,17 @@ def shape_notes(results: dict) -> list[str]:
     return notes
 
 
+def _stage_threads_line(medians: dict, cores: int) -> list[str]:
+    """Each strategy's torch threads per stage worker: a request with one segment in flight has the
+    stages compute one at a time, so each then takes every core (engine.ring_zmq.stage_threads)."""
+    used = {name: row["stage_threads"] for name, row in medians.items() if row.get("stage_threads")}
+    if not used:
+        return []
+    return [f"- Threads per stage worker, set for each request: " + ", ".join(f"{n} {t}" for n, t in used.items())
+            + f" (all {cores} cores while one segment is in flight and the stages compute one at a time; the "
+            "start-up share when several compute at once)."]
+
+
 def write_report(results: dict, out: Path) -> Path:
     meta = results["meta"]
     machine, settings, place = meta["machine"], meta["settings"], meta["placement"]
@@ -116,10 +127,11 @@ def write_report(results: dict, out: Path) -> Path:
         f"- Placement: " + "; ".join(
             f"{s} stage(s) in the coordinator's process with {place['coordinator_threads'][s]} torch thread(s)"
             if t == "in-process" else
-            f"{s} stage(s): {t} torch thread(s) per stage process, {place['coordinator_threads'][s]} for the "
+            f"{s} stage(s): {t} torch thread(s) per stage process at start-up, {place['coordinator_threads'][s]} for the "
             f"coordinator" for s, t in place["stage_threads"].items()) + "; "
         f"pinning {place['pinning']}. Hugging Face peers run in the coordinator's process with {place['peer_threads']} threads "
         "and no pipeline.",
+        *_stage_threads_line(results["medians"], machine["cores"]),
         f"- Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
         "- Runs are interleaved per prompt (every contender once, then the next repeat or prompt); figures are "
         "medians over runs, speedups are ratios of medians.",

@@ -112,6 +112,7 @@ class Result:
     draft_s: float = 0.0  # of which drafting
     ring_slots: int = 1  # segments the coordinator keeps in flight at most
     in_flight: float = 0.0  # mean non-empty segments in flight when a decode segment came back
+    stage_threads: int = 0  # torch threads the stage workers were asked to use (0: their own count)
 
     @property
     def mean_accepted_length(self) -> float:
@@ -170,7 +171,9 @@ class Coordinator:
         self.done = False
         self.drafter.reset()
         self.drafter.extend(list(prompt_ids), None)
-        self.ring.send(Reset(self._request_id), [])
+        plan = getattr(self.ring, "stage_threads", None)  # local worker processes share this machine's cores
+        self.stage_threads = plan(self.slots) if plan is not None else 0
+        self.ring.send(Reset(self._request_id, self.stage_threads), [])
         sizes = split_sizes(len(prompt_ids), -(-len(prompt_ids) // self.config.prefill_chunk))
         pos = 0
         for size in sizes:
@@ -217,7 +220,7 @@ class Coordinator:
                       self.stats["rounds"], self.stats["turns"], list(self.accepted_lengths),
                       [b / seconds if seconds > 0 else 0.0 for b in busy], self.stopped_by,
                       self.coordinator_s, self.draft_s, self.slots,
-                      self.stats["in_flight"] / max(self.stats["decode_turns"], 1))
+                      self.stats["in_flight"] / max(self.stats["decode_turns"], 1), self.stage_threads)
 
     # --- prefill
 

@@ -71,6 +71,8 @@ class StageWorker:
                 pending.clear()
                 self.module.reset()
                 self.request_id, self.epoch = msg.request_id, 0
+                if msg.threads:
+                    torch.set_num_threads(msg.threads)
                 out.append((msg, []))
             elif isinstance(msg, Prune):
                 if msg.request_id != self.request_id:

@@ -137,9 +137,11 @@ class Prune(_MessageBase, frozen=True):
 
 
 class Reset(_MessageBase, frozen=True):
-    """Forget the request's KV cache and tree."""
+    """Forget the request's KV cache and tree; with `threads`, compute this request's forwards with
+    that many torch threads (0 keeps the stage's count)."""
 
     request_id: NonNegativeInt
+    threads: NonNegativeInt = 0
 
 
 # --- Control plane

@@ -122,6 +122,9 @@ def test_greedy_output_equals_hugging_face(request, tiny, head, ring_name, strat
     assert result.token_ids == tiny.expected
     if strategy == "flowspec-full":
         assert result.ring_slots == ring.n_stages + 1 and result.in_flight > 1
+    # One segment in flight: stages compute one at a time, so each is asked to use every core.
+    cores = len(os.sched_getaffinity(0))
+    assert result.stage_threads == (cores if result.ring_slots == 1 else ring.threads_per_stage)
     busy_after = ring.stage_busy_s()
     assert len(busy_after) == ring.n_stages
     assert all(after > before for after, before in zip(busy_after, busy_before))

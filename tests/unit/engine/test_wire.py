@@ -49,7 +49,7 @@ EXAMPLES: dict[type, tuple[wire.Message, list[tuple[TensorSpec, bytes]]]] = {
         [_int64(11, 12, 13), _positions(31, 32, 32), _mask(3, 19)],
     ),
     Prune: (Prune(request_id=7, epoch=2, prefix_len=33, n_accepted=3, keep=(0, 4, 5, 9)), []),
-    Reset: (Reset(request_id=7), []),
+    Reset: (Reset(request_id=7, threads=2), []),
     LoadStage: (
         LoadStage(model="smollm2-135m", start=0, end=15, dtype="bf16", stage_index=0, n_stages=2),
         [],
@@ -136,9 +136,16 @@ def test_decode_accepts_every_frame_type(wrap):
 
 
 def test_header_layout_is_tagged_by_kind():
-    header = msgspec.msgpack.decode(encode(Reset(request_id=3))[1])
+    header = msgspec.msgpack.decode(encode(Reset(request_id=3, threads=2))[1])
 
-    assert header == {"msg": {"kind": "Reset", "request_id": 3}, "tensors": []}
+    assert header == {"msg": {"kind": "Reset", "request_id": 3, "threads": 2}, "tensors": []}
+
+
+def test_a_reset_without_threads_keeps_the_stage_thread_count():
+    """A Reset from a peer that predates `threads` decodes with threads=0 (keep the stage's count)."""
+    decoded, _ = decode([PROTOCOL, _header({"kind": "Reset", "request_id": 4}, [])])
+
+    assert decoded == Reset(request_id=4, threads=0)
 
 
 def test_messages_are_frozen():
