@@ -20,6 +20,7 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
+from engine.packed_linear import Projection, pack_linears
 from engine.stage import ATTENTION, DTYPES, Head, KVCache, attention_mask, load_head, load_stage, model_config
 from engine.tree import Order, TokenTree, TreeBuilder, build_tree, from_parents
 
@@ -172,10 +173,11 @@ class HeadDrafter:
         if draft_ids is not None and int(draft_ids.max()) >= lm_head.shape[0]:
             raise DraftError(f"draft vocabulary holds token id {int(draft_ids.max())}, past the target's {lm_head.shape[0]}")
         self._draft_ids = None if draft_ids is None else draft_ids.numpy()
-        self._draft_lm_head = lm_head if draft_ids is None else lm_head[draft_ids].contiguous()
+        self._draft_lm_head = Projection(lm_head if draft_ids is None else lm_head[draft_ids].contiguous())
         cfg = head.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         dtype = next(head.parameters()).dtype
+        pack_linears(head)  # the drafter only runs the head forward; bf16 on CPU packs its weights once
         self.cache = KVCache([0], cfg.num_key_value_heads, head_dim, dtype)
         self.reset()
 
@@ -225,7 +227,7 @@ class HeadDrafter:
         committed = self._committed = self.cache.length
         rows = _TreeRows()
         outputs: list[torch.Tensor] = []
-        k = min(topk, self._draft_lm_head.shape[0])
+        k = min(topk, self._draft_lm_head.weight.shape[0])
 
         def step(tokens: np.ndarray, parent_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             feats = torch.stack([self._last if p < 0 else outputs[p] for p in parent_rows])
@@ -262,7 +264,7 @@ class HeadDrafter:
 
     def _top(self, hidden: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         """[T, hidden] -> each row's k best (token ids, log-probs) over the draft vocabulary."""
-        ids, lps = top_logprobs(torch.nn.functional.linear(hidden.to(self._draft_lm_head.dtype), self._draft_lm_head), k)
+        ids, lps = top_logprobs(self._draft_lm_head(hidden), k)
         return (ids if self._draft_ids is None else self._draft_ids[ids]), lps
 
 
