@@ -9,6 +9,7 @@ stage, and no worker outlives its ring or its parent process.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -34,7 +35,7 @@ from engine.draft import LookupDrafter
 from engine.ring_zmq import ProcessRing, RingError
 from engine.stage import load_head
 from engine.stage_proc import LinkSender
-from tests.integration.engine_kit import RING_CASES, case_config
+from tests.integration.engine_kit import RING_CASES, case_config, local_ring
 
 pytestmark = pytest.mark.integration
 
@@ -128,6 +129,28 @@ def test_greedy_output_equals_hugging_face(request, tiny, head, ring_name, strat
     busy_after = ring.stage_busy_s()
     assert len(busy_after) == ring.n_stages
     assert all(after > before for after, before in zip(busy_after, busy_before))
+
+
+@pytest.mark.parametrize("strategy", ["ar", "flowspec-full"])
+def test_prefill_keeps_as_many_chunks_in_flight_as_the_request_keeps_segments(ring2, tiny, head, strategy):
+    """Local stages share the cores, so the prompt goes through in the request's own slots (one at
+    a time for ar, whose stages take every core); an in-process ring, which plans no threads, gets
+    every chunk at once."""
+    config = dataclasses.replace(case_config(strategy, ring2.n_stages, MAX_NEW_TOKENS), prefill_chunk=4)
+    coordinator = Coordinator(ring2, head, LookupDrafter(), config, eos_ids=set())
+    coordinator.start(tiny.prompt)  # 16 tokens: 4 chunks
+
+    assert len(coordinator.flights) == min(4, coordinator.slots)
+    while coordinator.prefill_left:
+        assert coordinator.step() and len(coordinator.flights) <= coordinator.slots
+    while coordinator.step():
+        pass
+    assert coordinator.result().token_ids == tiny.expected
+
+    in_process = Coordinator(local_ring(Path(tiny.path), bounds=[(0, 2), (2, 4)]), head, LookupDrafter(), config,
+                             eos_ids=set())
+    in_process.start(tiny.prompt)
+    assert len(in_process.flights) == 4
 
 
 def test_link_sender_emulates_bandwidth_then_latency():
