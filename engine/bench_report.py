@@ -81,8 +81,9 @@ def shape_notes(results: dict) -> list[str]:
     len_points = sorted({p["setting"]["prompt_len"] or 0 for p in results["points"]})
     if len(len_points) > 1:
         notes.append(
-            "- Prompt length: TTFT grows with the prompt (prefill is sent in chunks of 64 tokens through the ring); "
-            "decode speed falls slowly, as attention over a longer cache costs more per draft token.")
+            "- Prompt length: tokens/s counts the whole request, prefill included, so it falls mostly because TTFT "
+            "grows with the prompt (prefill goes through the ring in chunks of 64 tokens); decode speed alone changes "
+            "less (each run's `seconds` and `ttft_s` are in results.json).")
     mbps_points = sorted({p["setting"]["link_mbps"] or 0 for p in results["points"]})
     if len(mbps_points) > 1:
         notes.append(
