@@ -4,7 +4,7 @@
 its blocked layout on every call. Packing once at load time skips that work. On SmolLM2-135M with
 2 threads on this project's build machine, a whole-model stage forward after a 300-token prefix
 took 36.7 ms instead of 42.4 ms for 1 token and 50.8 ms instead of 54.3 ms for a 32-node tree
-segment, with bit-identical outputs.
+segment, with bit-identical outputs (on a busier machine later, only 1-2 ms less).
 
 Packing is inference-only: a packed weight has no gradient and no plain layout. It happens only
 where the op exists and a probe at first use matches `linear`; anywhere else layers stay as they are.
