@@ -176,11 +176,8 @@ class Coordinator:
         self._prefill_slots = self.slots if plan is not None else 1 << 30  # dedicated devices: all chunks at once
         self.ring.send(Reset(self._request_id, self.stage_threads), [])
         sizes = split_sizes(len(prompt_ids), -(-len(prompt_ids) // self.config.prefill_chunk))
-        self._prefill_todo: list[tuple[int, int]] = []  # prompt chunks [start, end) not sent yet
-        pos = 0
-        for size in sizes:
-            self._prefill_todo.append((pos, pos + size))
-            pos += size
+        ends = list(itertools.accumulate(sizes))
+        self._prefill_todo = [(end - size, end) for size, end in zip(sizes, ends)]  # chunks [start, end) not sent yet
         self._prompt_ids = torch.tensor(prompt_ids, dtype=torch.long)
         self.prefill_left = len(sizes)
         self._send_prefill()

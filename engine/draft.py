@@ -173,7 +173,7 @@ class HeadDrafter:
         if draft_ids is not None and int(draft_ids.max()) >= lm_head.shape[0]:
             raise DraftError(f"draft vocabulary holds token id {int(draft_ids.max())}, past the target's {lm_head.shape[0]}")
         self._draft_ids = None if draft_ids is None else draft_ids.numpy()
-        self._draft_lm_head = Projection(lm_head if draft_ids is None else lm_head[draft_ids].contiguous())
+        self._draft_lm_head = target.projection if draft_ids is None else Projection(lm_head[draft_ids])
         cfg = head.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         dtype = next(head.parameters()).dtype
@@ -227,7 +227,7 @@ class HeadDrafter:
         committed = self._committed = self.cache.length
         rows = _TreeRows()
         outputs: list[torch.Tensor] = []
-        k = min(topk, self._draft_lm_head.weight.shape[0])
+        k = min(topk, self._draft_lm_head.out_features)
 
         def step(tokens: np.ndarray, parent_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             feats = torch.stack([self._last if p < 0 else outputs[p] for p in parent_rows])

@@ -90,13 +90,16 @@ def pack_linears(module: nn.Module) -> int:
 class Projection:
     """x -> linear(x, weight) for a fixed [out, in] weight (an LM head), packed where packing works.
 
-    The packed copy sits beside the plain weight, which other readers (drafters, distillation) use.
+    A packed projection keeps no reference to the plain weight: the caller decides whether that
+    stays in memory (the target's LM head does, for drafters and distillation).
     """
 
     def __init__(self, weight: torch.Tensor) -> None:
-        self.weight = weight.detach()
-        self._packed = pack_weight(self.weight) if can_pack(self.weight) else None
+        self.out_features = weight.shape[0]
+        self.dtype = weight.dtype
+        self._packed = pack_weight(weight) if can_pack(weight) else None
+        self._weight = weight.detach() if self._packed is None else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.weight.dtype)
-        return nn.functional.linear(x, self.weight) if self._packed is None else packed_linear(x, self._packed)
+        x = x.to(self.dtype)
+        return nn.functional.linear(x, self._weight) if self._packed is None else packed_linear(x, self._packed)

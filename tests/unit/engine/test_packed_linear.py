@@ -68,3 +68,14 @@ def test_a_bf16_stage_packs_its_layers_and_computes_as_an_unpacked_one(tmp_path,
     assert not any(isinstance(m, PackedLinear) for m in plain.modules())
     assert packed.n_params() == plain.n_params()
     torch.testing.assert_close(out_packed, out_plain, rtol=2e-2, atol=2e-2)
+
+
+@needs_packing
+def test_a_packed_projection_matches_linear_and_holds_no_plain_copy():
+    weight = torch.randn(96, 64).to(torch.bfloat16)
+    x = torch.randn(5, 64)  # cast to the weight's dtype by the projection
+
+    projection = Projection(weight)
+
+    assert projection._weight is None and projection.out_features == 96
+    torch.testing.assert_close(projection(x), nn.functional.linear(x.to(torch.bfloat16), weight), rtol=1e-2, atol=1e-2)
