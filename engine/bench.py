@@ -60,6 +60,7 @@ class Point:
 class BenchConfig:
     model: str = "smollm2-135m"
     draft: str | None = None
+    lookup_branch: bool = True
     strategies: tuple[str, ...] = STRATEGIES
     peers: tuple[str, ...] = ("hf", "hf-lookup")
     stages: tuple[int, ...] = (4,)
@@ -168,7 +169,8 @@ def machine_info(cfg: BenchConfig) -> dict:
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "numpy": numpy.__version__,
                      "flowspec-studio": _package_version()},
-        "settings": {"model": cfg.model, "draft": cfg.draft, "dtype": cfg.dtype, "temperature": cfg.temperature,
+        "settings": {"model": cfg.model, "draft": cfg.draft, "lookup_branch": cfg.lookup_branch,
+                     "dtype": cfg.dtype, "temperature": cfg.temperature,
                      "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens, "prompts": cfg.prompts,
                      "repeats": cfg.repeats, "topk": cfg.topk, "tree_budget": cfg.tree_budget,
                      "segment_max": cfg.segment_max,
@@ -437,6 +439,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None, b
                     engine.close()
                 say(f"starting {point.label}" + (" (simulated devices)" if cfg.simulate else ""))
                 spec = EngineSpec(model=cfg.model, n_stages=point.stages, dtype=cfg.dtype, draft=cfg.draft,
+                                  lookup_branch=cfg.lookup_branch,
                                   link=LinkConfig(point.link_mbps, point.link_latency_ms),
                                   in_process=cfg.simulate or cfg.in_process)
                 engine, engine_key = Engine(spec, on_progress=lambda m: logger.info("%s", m)), key
@@ -490,6 +493,7 @@ def _check_against_real(cfg: BenchConfig, point: Point, prompts, simulated: dict
 
     say(f"checking the simulation against real runs: {point.label}")
     spec = EngineSpec(model=cfg.model, n_stages=point.stages, dtype=cfg.dtype, draft=cfg.draft,
+                      lookup_branch=cfg.lookup_branch,
                       link=LinkConfig(point.link_mbps, point.link_latency_ms))
     with Engine(spec, on_progress=lambda m: logger.info("%s", m)) as engine:
         from tqdm import tqdm
@@ -556,7 +560,8 @@ def config_from_args(args) -> BenchConfig:
     peers = () if peers_text.strip() in ("", "none") else tuple(p.strip() for p in peers_text.split(",") if p.strip())
     mbps = parse_list(args.link_mbps, float, "--link-mbps") if args.link_mbps else (None,)
     lens = parse_list(args.prompt_lengths, int, "--prompt-lengths") if args.prompt_lengths else (None,)
-    cfg = BenchConfig(model=args.model, draft=args.draft, strategies=strategies, peers=peers,
+    cfg = BenchConfig(model=args.model, draft=args.draft, lookup_branch=args.lookup_branch,
+                      strategies=strategies, peers=peers,
                       stages=parse_list(args.stages, int, "--stages"), link_mbps=mbps,
                       link_latency_ms=args.link_latency_ms, depths=parse_list(args.depths, int, "--depths"),
                       prompt_lens=lens, prompts=args.prompts, max_new_tokens=args.max_new_tokens,

@@ -23,6 +23,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="built-in name, HF directory, .gguf file or cached repo id")
     p.add_argument("--draft", default=None, help="lookup | head:PATH | a draft model reference "
                    "(default: a draft head distilled for this model if one is installed, else lookup)")
+    p.add_argument("--no-lookup-branch", dest="lookup_branch", action="store_false",
+                   help="draft with the head (or draft model) alone, without the prompt-lookup branch in its trees")
     p.add_argument("--stages", type=int, default=1, help="number of local stage worker processes")
     p.add_argument("--layout", default=None, help="layout file (TOML) naming each stage's device and layers")
     p.add_argument("--in-process", action="store_true", help="run the stages inside this process (no ZeroMQ)")
@@ -80,6 +82,8 @@ def _add_bench_parser(sub) -> None:
     b.add_argument("--model", default="smollm2-135m", help="built-in name, HF directory, .gguf file or cached repo id")
     b.add_argument("--draft", default=None, help="lookup | head:PATH | a draft model reference (default: the "
                    "matching installed draft head, else lookup); a draft model also adds the hf-draft peer")
+    b.add_argument("--no-lookup-branch", dest="lookup_branch", action="store_false",
+                   help="draft with the head (or draft model) alone, without the prompt-lookup branch in its trees")
     b.add_argument("--strategies", default=",".join(STRATEGIES))
     b.add_argument("--peers", default=None, help="hf,hf-lookup[,hf-draft] or none (default: hf,hf-lookup, plus "
                    "hf-draft when --draft is a model)")
@@ -155,7 +159,8 @@ def engine_spec(args):
     if args.stages < 1:
         raise ConfigError(f"--stages must be at least 1 (got {args.stages})")
     return EngineSpec(model=args.model, bounds=bounds, n_stages=args.stages, dtype=args.dtype, draft=args.draft,
-                      link=LinkConfig(args.link_mbps, args.link_latency_ms), in_process=args.in_process,
+                      lookup_branch=args.lookup_branch, link=LinkConfig(args.link_mbps, args.link_latency_ms),
+                      in_process=args.in_process,
                       ring_factory=ring_factory)
 
 

@@ -30,7 +30,8 @@ def _run(model: str, draft: str, prompts, max_new_tokens: int, say: Callable[[st
 
     rows, answers = [], []
     config = SessionConfig(strategy="chunk", max_new_tokens=max_new_tokens, speculation=SpeculationConfig(depth=depth))
-    with Engine(EngineSpec(model, n_stages=1, in_process=True, draft=draft)) as engine:
+    # the head alone: its own acceptance, not what the lookup branch adds to it
+    with Engine(EngineSpec(model, n_stages=1, in_process=True, draft=draft, lookup_branch=False)) as engine:
         for prompt in prompts:
             ids = engine.encode(prompt.text_or_messages if prompt.raw else prompt.chat_messages(), raw=prompt.raw)
             result = engine.generate(ids, config)

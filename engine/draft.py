@@ -22,7 +22,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 
 from engine.packed_linear import Projection, pack_linears
 from engine.stage import ATTENTION, DTYPES, Head, KVCache, attention_mask, load_head, load_stage, model_config
-from engine.tree import Order, TokenTree, TreeBuilder, build_tree, from_parents
+from engine.tree import Order, TokenTree, TreeBuilder, build_tree, from_parents, graft, layout
 
 logger = logging.getLogger(__name__)
 
@@ -347,14 +347,28 @@ class LookupDrafter:
     def extend(self, tokens: list[int], features: torch.Tensor | None) -> None:
         self.tokens.extend(int(t) for t in tokens)
 
+    def _matches(self, seq: np.ndarray, n: int) -> np.ndarray:
+        """Start indices of earlier occurrences of the last n tokens, latest first."""
+        tail = seq[-n:]
+        return np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(seq[:-1], n) == tail, axis=1))[::-1]
+
+    def continuation(self, length: int) -> tuple[list[int], int]:
+        """What followed the latest earlier occurrence of the longest matching n-gram (up to `length`
+        tokens), and that n; ([], 0) when nothing matches."""
+        seq = np.asarray(self.tokens, dtype=np.int64)
+        for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
+            for s in self._matches(seq, n):
+                follow = seq[s + n : s + n + length]
+                if follow.size:
+                    return follow.tolist(), n
+        return [], 0
+
     def draft(self, *, topk: int, depth: int, budget: int, order: Order) -> TokenTree:
         seq = np.asarray(self.tokens, dtype=np.int64)
         tokens, parents, scores = [int(seq[-1])], [-1], [0.0]
         child_of: dict[tuple[int, int], int] = {}
         for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
-            tail = seq[-n:]
-            starts = np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(seq[:-1], n) == tail, axis=1))
-            for rank, s in enumerate(starts[::-1][:topk]):
+            for rank, s in enumerate(self._matches(seq, n)[:topk]):
                 parent = 0
                 for d, tok in enumerate(seq[s + n : s + n + depth]):
                     if len(tokens) > budget:
@@ -370,10 +384,59 @@ class LookupDrafter:
                 break
         tree = from_parents(tokens, parents, scores)
         if order == "score" and len(tree) > 1:
-            from engine.tree import layout
-
             return layout(tree.tokens, tree.parents, tree.scores, np.arange(len(tree)), "score")
         return tree
+
+
+class LookupBranch:
+    """Another drafter's tree with the prompt-lookup continuation grafted in as one more branch.
+
+    Text that repeats earlier tokens (a summary quoting its source, code reusing names, a chat
+    turn restating the question) is where a draft head guesses worst and lookup best. The branch's
+    node at depth d scores d * log(p), where p is how often, in this request so far, a lookup
+    token matched what the target then produced, counted apart for each n-gram length (prior 1/2).
+    Nodes the head drafted too keep the larger score; the best `budget` drafts are kept. In level
+    order (chunk, pipedec) the branch stays within `depth` levels so those trees keep their shape.
+    """
+
+    def __init__(self, inner: Drafter, length: int = 10, max_ngram: int = 3) -> None:
+        self.inner, self.length = inner, length
+        self.name = f"{inner.name}+lookup"
+        self.lookup = LookupDrafter(max_ngram)
+        self.reset()
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.inner.tokens
+
+    def reset(self) -> None:
+        self.inner.reset()
+        self.lookup.reset()
+        self.hits = np.zeros(self.lookup.max_ngram + 1)
+        self.misses = np.zeros(self.lookup.max_ngram + 1)
+        self._proposed: tuple[list[int], int] | None = None
+
+    def extend(self, tokens: list[int], features: torch.Tensor | None) -> None:
+        if self._proposed is not None:
+            branch, n = self._proposed
+            matched = next((i for i, (a, b) in enumerate(zip(branch, tokens)) if a != int(b)), None)
+            self.hits[n] += min(len(branch), len(tokens)) if matched is None else matched
+            self.misses[n] += matched is not None
+            self._proposed = None
+        self.inner.extend(tokens, features)
+        self.lookup.extend(tokens, features)
+
+    def match_rate(self, n: int) -> float:
+        return float(np.clip((self.hits[n] + 1) / (self.hits[n] + self.misses[n] + 2), 0.05, 0.95))
+
+    def draft(self, *, topk: int, depth: int, budget: int, order: Order) -> TokenTree:
+        tree = self.inner.draft(topk=topk, depth=depth, budget=budget, order=order)
+        branch, n = self.lookup.continuation(self.length if order == "score" else min(self.length, depth))
+        self._proposed = (branch, n) if branch else None
+        if not branch:
+            return tree
+        scores = np.log(self.match_rate(n)) * np.arange(1, len(branch) + 1)
+        return graft(tree, branch, scores, budget, order)
 
 
 def default_draft_ids(head: EagleHead, vocab: int) -> torch.Tensor | None:
@@ -386,20 +449,23 @@ def default_draft_ids(head: EagleHead, vocab: int) -> torch.Tensor | None:
     return torch.arange(vocab // 3) if vocab > 32768 else None
 
 
-def make_drafter(spec: str | None, target_ref: str, target: Head, dtype: str) -> Drafter:
+def make_drafter(spec: str | None, target_ref: str, target: Head, dtype: str, lookup_branch: bool = False) -> Drafter:
     """`lookup`, `head:PATH`, or a model reference for a draft model; None means lookup.
 
-    A head is checked against the target when `target_ref` is its model directory.
+    A head is checked against the target when `target_ref` is its model directory. With
+    `lookup_branch`, a head's or a draft model's trees also get the prompt-lookup branch.
     """
     vocab = target.lm_head.shape[0]
     if spec is None or spec == "lookup":
         return LookupDrafter()
     if spec.startswith("head:"):
         head = load_eagle_head(Path(spec[5:]), DTYPES[dtype], Path(target_ref) if Path(target_ref).is_dir() else None)
-        return HeadDrafter(head, target, default_draft_ids(head, vocab))
-    try:
-        return ModelDrafter(spec, dtype, vocab)
-    except DraftError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise DraftError(f"cannot use '{spec}' as a drafter: {exc}") from exc
+        drafter: Drafter = HeadDrafter(head, target, default_draft_ids(head, vocab))
+    else:
+        try:
+            drafter = ModelDrafter(spec, dtype, vocab)
+        except DraftError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise DraftError(f"cannot use '{spec}' as a drafter: {exc}") from exc
+    return LookupBranch(drafter) if lookup_branch else drafter

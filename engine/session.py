@@ -49,6 +49,7 @@ class EngineSpec:
     n_stages: int = 1
     dtype: str = "bf16"
     draft: str | None = None  # None: a matching installed draft head, else prompt lookup
+    lookup_branch: bool = True  # a head's or draft model's trees also get the prompt-lookup branch
     link: LinkConfig = LinkConfig()
     in_process: bool = False  # stages as objects in this process instead of worker processes
     # Builds the ring instead (stages on agents, see engine/agent_cli.py):
@@ -103,7 +104,7 @@ class Engine:
                 return LookupDrafter()
             logger.info("draft head %s matches %s", head_dir, path)
             draft = f"head:{head_dir}"
-        return make_drafter(draft, str(path), self.head, self.spec.dtype)
+        return make_drafter(draft, str(path), self.head, self.spec.dtype, self.spec.lookup_branch)
 
     def encode(self, prompt: str | Messages, raw: bool = False) -> list[int]:
         """Token ids of a prompt: the model's chat template unless raw (or no template exists)."""

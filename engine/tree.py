@@ -110,6 +110,39 @@ def layout(pool_tokens, pool_parents, pool_scores, selected: np.ndarray, order: 
     return from_parents(pool_tokens[selected], parents, pool_scores[selected])
 
 
+def graft(tree: TokenTree, path: Sequence[int], path_scores: Sequence[float], budget: int,
+          order: Order = "score") -> TokenTree:
+    """Add a path of tokens below the root, keep the best `budget` drafts, lay them out in `order`.
+
+    A path node the tree already has keeps the larger of its two scores; the others are added.
+    path_scores must not increase along the path, so no node ever outscores its parent.
+    """
+    tokens, parents, scores = tree.tokens.tolist(), tree.parents.tolist(), tree.scores.tolist()
+    child_of = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens))}
+    node = 0
+    for tok, score in zip(path, path_scores):
+        hit = child_of.get((node, int(tok)))
+        if hit is None:
+            hit = child_of[(node, int(tok))] = len(tokens)
+            tokens.append(int(tok))
+            parents.append(node)
+            scores.append(float(score))
+        else:
+            scores[hit] = max(scores[hit], float(score))
+        node = hit
+    tokens_a, parents_a, scores_a = np.asarray(tokens, dtype=np.int64), np.asarray(parents), np.asarray(scores)
+    chosen = np.concatenate(([0], 1 + select_nodes(scores_a[1:], budget)))
+    if order == "level":  # added nodes go after the tree's, so put the pool back in level order first
+        depth = np.zeros(len(tokens), dtype=np.int64)
+        for i in range(1, len(tokens)):
+            depth[i] = depth[parents_a[i]] + 1
+        perm = np.lexsort((np.arange(len(tokens)), depth))
+        rank = np.argsort(perm)
+        tokens_a, scores_a, chosen = tokens_a[perm], scores_a[perm], rank[chosen]
+        parents_a = np.concatenate(([-1], rank[parents_a[perm][1:]]))
+    return layout(tokens_a, parents_a, scores_a, chosen, order)
+
+
 StepFn = Callable[[np.ndarray, np.ndarray], "np.ndarray | tuple[np.ndarray, np.ndarray]"]
 """step(tokens [k], parent_rows [k]) -> log-probs [k, V] of the children of each node, or already
 their top-k as (token ids [k, K], log-probs [k, K]) per row, best first with ties to the lower id.

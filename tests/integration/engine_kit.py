@@ -20,7 +20,7 @@ from transformers import LlamaConfig
 
 from engine.config import STRATEGIES, SessionConfig, SpeculationConfig
 from engine.coordinator import Coordinator, Result
-from engine.draft import Drafter, EagleHead, HeadDrafter, LookupDrafter, ModelDrafter
+from engine.draft import Drafter, EagleHead, HeadDrafter, LookupBranch, LookupDrafter, ModelDrafter
 from engine.ring_local import LocalRing
 from engine.session import even_bounds
 from engine.stage import Head, load_head, load_stage
@@ -94,6 +94,9 @@ def random_eagle_head(target_config, seed: int = 1, std: float = 0.2) -> EagleHe
 
 
 def make_drafter(kind: str, model_dir: Path, head: Head, eagle: EagleHead | None = None) -> Drafter:
+    """lookup, model or head (a random EAGLE head unless given); "+lookup" adds the lookup branch."""
+    if kind.endswith("+lookup"):
+        return LookupBranch(make_drafter(kind.removesuffix("+lookup"), model_dir, head, eagle))
     if kind == "lookup":
         return LookupDrafter()
     if kind == "model":

@@ -2,7 +2,7 @@
 
 In-process ring, fp32, tiny random Llama and Qwen2 models of 5 layers. The grid is a covering set,
 not a product: every strategy, stage count (1, 2, 3, 5), drafter (prompt lookup, perfect draft
-model, random EAGLE head), expansion on/off and prompt length (shorter and longer than the 64-token
+model, random EAGLE head, the last two with the lookup branch), expansion on/off and prompt length (shorter and longer than the 64-token
 prefill chunk) appears several times, and tree budgets, depths, widths and segment sizes vary from
 case to case. Several flowspec cases have first trees larger than ring_slots * segment_max, so a
 waiting pool exists (the reference code's crash case, FLOWSPEC §10.1).
@@ -83,6 +83,12 @@ CASES = [
                                                        ring_slots=6)),
     Case("qwen2", "chunk", 5, "lookup", "short", dict(budget=40), prefill_chunk=3),
     Case("llama", "pipedec", 2, "model", "long", prefill_chunk=90),  # the prompt is exactly one chunk
+    # the head's and the draft model's trees with the prompt-lookup branch grafted in
+    Case("llama", "flowspec", 3, "head+lookup", "long"),
+    Case("qwen2", "flowspec", 2, "head+lookup", "short", dict(budget=20, segment_max=4)),
+    Case("llama", "flowspec", 1, "model+lookup", "short", dict(expand=False, ring_slots=1, segment_max=32)),
+    Case("qwen2", "pipedec", 3, "head+lookup", "long"),
+    Case("llama", "chunk", 2, "model+lookup", "long", dict(budget=30, depth=4)),
 ]
 
 
@@ -144,6 +150,21 @@ def test_strategies_really_speculate(targets, references, heads):
             assert result.mean_accepted_length > 2.5, result.accepted_lengths
         else:
             assert result.rounds < len(result.accepted_lengths) / 2, (result.rounds, result.accepted_lengths)
+
+
+def test_the_lookup_branch_really_takes_part(targets, references, heads):
+    """Guards the "+lookup" cases: the branch proposes tokens that the target both follows and
+    refuses, and it lifts the random head's acceptance, with the output unchanged."""
+    _, directory = targets["llama"]
+    ids, want = references("llama", "long")
+    head = heads["llama"]
+    config = SessionConfig(strategy="flowspec", max_new_tokens=N_NEW)
+    alone = run(local_ring(directory, 3), head, make_drafter("head", directory, head), config, ids)
+    drafter = make_drafter("head+lookup", directory, head)
+    both = run(local_ring(directory, 3), head, drafter, config, ids)
+    assert both.token_ids == alone.token_ids == want
+    assert drafter.hits.sum() > 0 and drafter.misses.sum() > 0, (drafter.hits, drafter.misses)
+    assert both.mean_accepted_length > alone.mean_accepted_length
 
 
 # --- stopping

@@ -15,6 +15,7 @@ from engine.tree import (
     build_tree,
     chain,
     from_parents,
+    graft,
     layout,
     merge,
     prune,
@@ -588,3 +589,54 @@ def test_cumulative_depth_is_monotone_and_ends_at_path_length(order, n_segments,
     assert np.all(cum[0] >= 1), "the root is in segment 0"
     assert np.all(np.diff(cum, axis=0) >= 0)
     np.testing.assert_array_equal(cum[-1], [tree.depth[leaf] + 1 for leaf in leaves])
+
+
+# --- graft
+
+
+def test_graft_raises_scores_of_nodes_it_shares_adds_the_rest_and_keeps_the_budget(tree_a):
+    # 11, 13, 16 are in tree_a; 30 is new; a budget of 6 drafts drops the worst one (14, -2.0)
+    by_score = graft(tree_a, [11, 13, 16, 30], [-0.2, -0.4, -0.6, -0.8], budget=6, order="score")
+    np.testing.assert_array_equal(by_score.tokens, [100, 11, 13, 16, 30, 12, 15])
+    np.testing.assert_array_equal(by_score.parents, [-1, 0, 1, 2, 3, 0, 5])
+    np.testing.assert_allclose(by_score.scores, [0.0, -0.2, -0.4, -0.6, -0.8, -1.0, -1.5])
+    by_level = graft(tree_a, [11, 13, 16, 30], [-0.2, -0.4, -0.6, -0.8], budget=6, order="level")
+    np.testing.assert_array_equal(by_level.tokens, [100, 11, 12, 13, 15, 16, 30])
+    np.testing.assert_array_equal(by_level.parents, [-1, 0, 0, 1, 2, 3, 5])
+    np.testing.assert_array_equal(by_level.depth, [0, 1, 1, 2, 2, 3, 4])
+    for tree in (by_score, by_level):
+        assert_well_formed(tree)
+
+
+def test_graft_keeps_a_better_score_the_tree_already_has(tree_a):
+    tree = graft(tree_a, [11, 50], [-3.0, -3.5], budget=100, order="score")
+    np.testing.assert_array_equal(tree.tokens, [100, 11, 13, 16, 12, 15, 14, 50])
+    np.testing.assert_allclose(tree.scores[:2], [0.0, -0.5])
+    assert tree.tokens[tree.parents[-1]] == 11 and tree.scores[-1] == -3.5
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_graft_random_is_the_best_of_the_union_of_token_paths(seed):
+    rng = np.random.default_rng(500 + seed)
+    tree = random_tree(rng, int(rng.integers(1, 12)), vocab=3)
+    tree = from_parents(tree.tokens, tree.parents, -tree.depth.astype(float))  # scores fall down every path
+    path = rng.integers(0, 3, int(rng.integers(1, 6))).tolist()
+    path_scores = -0.7 * np.arange(1, len(path) + 1)
+    budget = int(rng.integers(1, 16))
+    paths = lambda t: {tuple(t.tokens[t.path_to(i)][1:].tolist()): float(t.scores[i]) for i in range(1, len(t))}
+    union = paths(tree)
+    for d in range(1, len(path) + 1):
+        key = tuple(path[:d])
+        union[key] = max(union.get(key, -np.inf), float(path_scores[d - 1]))
+    for order in ("score", "level"):
+        out = graft(tree, path, path_scores, budget, order)
+        assert_well_formed(out)
+        got = paths(out)
+        assert len(got) == min(budget, len(union))
+        assert all(union[k] == v for k, v in got.items())  # every kept node is a union node with its best score
+        worst_kept = min(got.values(), default=np.inf)
+        assert all(v <= worst_kept for k, v in union.items() if k not in got)
+        if order == "score":
+            assert np.all(np.diff(out.scores[1:]) <= 0)
+        else:
+            assert np.all(np.diff(out.depth) >= 0)
