@@ -16,7 +16,7 @@ import engine.distill_train as distill_train
 from engine.distill_train import OptimConfig
 from engine import heads
 from engine.distill import DistillConfig, run_distill
-from engine.draft import DraftError, HeadDrafter, LookupDrafter, load_eagle_head
+from engine.draft import DraftError, HeadDrafter, LookupBranch, LookupDrafter, load_eagle_head
 from engine.config import SessionConfig
 from engine.session import Engine, EngineSpec
 from tests.tiny_models import make_tiny_llama_dir
@@ -72,7 +72,7 @@ def test_distilled_head_drafts_trees_and_keeps_greedy_output(tiny):
     config = SessionConfig(strategy="chunk", max_new_tokens=12)
     prompt = [5, 17, 42, 9, 77, 3]
     with Engine(EngineSpec(str(model), in_process=True, draft=f"head:{out}")) as engine:
-        assert isinstance(engine.drafter, HeadDrafter)
+        assert isinstance(engine.drafter, LookupBranch) and isinstance(engine.drafter.inner, HeadDrafter)
         with_head = engine.generate(prompt, config)
         tree = engine.drafter.draft(topk=4, depth=3, budget=12, order="score")
     with Engine(EngineSpec(str(model), in_process=True, draft="lookup")) as engine:
@@ -157,6 +157,8 @@ def test_engine_picks_a_matching_head_else_lookup(tiny, tmp_path, monkeypatch):
     shutil.copytree(out, user / "tiny")
     monkeypatch.setattr(heads, "head_roots", lambda: [("user", user), ("shipped", tmp_path / "none")])
     with Engine(EngineSpec(str(model), in_process=True)) as engine:
+        assert isinstance(engine.drafter, LookupBranch) and isinstance(engine.drafter.inner, HeadDrafter)
+    with Engine(EngineSpec(str(model), in_process=True, lookup_branch=False)) as engine:
         assert isinstance(engine.drafter, HeadDrafter)
     with Engine(EngineSpec(str(model), in_process=True, draft="lookup")) as engine:
         assert isinstance(engine.drafter, LookupDrafter)
