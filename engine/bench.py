@@ -173,7 +173,7 @@ def machine_info(cfg: BenchConfig) -> dict:
                      "dtype": cfg.dtype, "temperature": cfg.temperature,
                      "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens, "prompts": cfg.prompts,
                      "repeats": cfg.repeats, "topk": cfg.topk, "tree_budget": cfg.tree_budget,
-                     "segment_max": cfg.segment_max,
+                     "segment_max": cfg.segment_max, "solo_segment": SpeculationConfig().solo_segment,
                      "ring_slots": cfg.ring_slots, "strategies": list(cfg.strategies), "peers": list(cfg.peers)},
         "link_emulation": {"mbps": list(cfg.link_mbps), "latency_ms_per_hop": cfg.link_latency_ms,
                            "note": "emulated by a sender thread per hop (bandwidth queue + fixed latency) on loopback"},

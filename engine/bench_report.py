@@ -179,7 +179,8 @@ def write_report(results: dict, out: Path) -> Path:
         "- `flowspec` keeps as many segments in flight as the stages can compute at once (the ring occupancy "
         "column shows the slots): stages + 1 with a device per stage, as in the paper, but fewer when they share "
         "cores, because a segment sent ahead is computed in full even when the verification before it prunes it "
-        "away; with one in flight, every segment holds up to 32 nodes. `chunk` and `pipedec` keep stages + 1, "
+        f"away; with one in flight, every segment holds up to {settings.get('solo_segment', 32)} nodes. "
+        "`chunk` and `pipedec` keep stages + 1, "
         "which shapes their trees as the paper defines them. "
         "`--ring-slots N` sets the number.",
         *shape_notes(results),

@@ -24,7 +24,7 @@ class SpeculationConfig:
     segment_max: int = 16  # largest first-round segment; larger trees keep the rest waiting
     expand_segment_max: int = 64  # largest segment of appended nodes
     ring_slots: int | None = None  # segments kept in flight; None = by the ring (coordinator.default_slots)
-    solo_segment: int = 32  # flowspec's every segment when it keeps one in flight by default (shared cores)
+    solo_segment: int = 16  # flowspec's every segment when it keeps one in flight by default (shared cores)
     max_tree: int = 512  # nodes a tree may grow to by expansion
     pipedec_width: int = 16
     expand: bool = True  # flowspec: re-draft after each acceptance and refill emptied slots

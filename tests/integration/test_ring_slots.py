@@ -80,7 +80,7 @@ class _SizeRecorder:
 
 @pytest.mark.parametrize("ring_slots, parallel, largest", [(None, 1, (17, 32)), (None, None, (1, 16)), (1, None, (1, 16))])
 def test_one_segment_in_flight_by_default_is_a_solo_segment(tiny, ring_slots, parallel, largest):
-    """With one slot by default (shared cores) every segment holds up to `solo_segment` (32) nodes;
+    """With one slot by default (shared cores) every segment holds up to `solo_segment` (32 here) nodes;
     with a full ring, or one slot asked for explicitly, first-round segments hold up to
     `segment_max` (16) and expansions up to `expand_segment_max` (64)."""
     model, model_dir = tiny
@@ -89,7 +89,8 @@ def test_one_segment_in_flight_by_default_is_a_solo_segment(tiny, ring_slots, pa
         ring.ring.parallel_stages = parallel
     head = load_head(model_dir, "fp32")
     ids = prompt_ids(12, head.lm_head.shape[0], seed=5)
-    config = SessionConfig(strategy="flowspec", max_new_tokens=N_NEW, speculation=SpeculationConfig(ring_slots=ring_slots))
+    spec = SpeculationConfig(ring_slots=ring_slots, solo_segment=32)  # apart from segment_max, to tell them apart
+    config = SessionConfig(strategy="flowspec", max_new_tokens=N_NEW, speculation=spec)
     result = run(ring, head, make_drafter("model", model_dir, head), config, ids)
     assert result.token_ids == reference_greedy(model, ids, N_NEW)
     first_round = ring.sizes[0]
