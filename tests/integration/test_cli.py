@@ -72,6 +72,14 @@ def test_generate_json_fields_are_consistent(strategy, stages, models, capsys):
     assert report["layers"][0][0] == 0 and report["layers"][-1][1] == N_LAYERS
 
 
+def test_no_lookup_branch_drafts_with_the_draft_model_alone(models, capsys):
+    args = ["--prompt", "hello world hello world", "--max-new-tokens", "10", "--draft", str(models["target"])]
+    both = _generate_json(capsys, models["target"], *args)
+    alone = _generate_json(capsys, models["target"], *args, "--no-lookup-branch")
+    assert both["drafter"] == "model+lookup" and alone["drafter"] == "model"
+    assert both["token_ids"] == alone["token_ids"]
+
+
 def test_generate_streams_text_and_reports_stats_on_stderr(models, capsys):
     code = main(["generate", "--model", str(models["target"]), "--in-process", "--dtype", "fp32", "--raw",
                  "--prompt", "The capital of France is", "--max-new-tokens", "8"])
