@@ -332,6 +332,23 @@ class ModelDrafter:
             cache.truncate(committed)
 
 
+def _matches(seq: np.ndarray, n: int) -> np.ndarray:
+    """Start indices of earlier occurrences of the last n tokens of seq, latest first."""
+    return np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(seq[:-1], n) == seq[-n:], axis=1))[::-1]
+
+
+def lookup_continuation(tokens: list[int], length: int, max_ngram: int) -> tuple[list[int], int]:
+    """What followed the latest earlier occurrence of the longest matching n-gram (n <= max_ngram,
+    up to `length` tokens), and that n; ([], 0) when nothing matches."""
+    seq = np.asarray(tokens, dtype=np.int64)
+    for n in range(min(max_ngram, len(seq) - 1), 0, -1):
+        for s in _matches(seq, n):
+            follow = seq[s + n : s + n + length]
+            if follow.size:
+                return follow.tolist(), n
+    return [], 0
+
+
 class LookupDrafter:
     """Prompt lookup: continue the latest n-gram (n = 3, 2, 1) seen earlier in the known tokens."""
 
@@ -347,28 +364,12 @@ class LookupDrafter:
     def extend(self, tokens: list[int], features: torch.Tensor | None) -> None:
         self.tokens.extend(int(t) for t in tokens)
 
-    def _matches(self, seq: np.ndarray, n: int) -> np.ndarray:
-        """Start indices of earlier occurrences of the last n tokens, latest first."""
-        tail = seq[-n:]
-        return np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(seq[:-1], n) == tail, axis=1))[::-1]
-
-    def continuation(self, length: int) -> tuple[list[int], int]:
-        """What followed the latest earlier occurrence of the longest matching n-gram (up to `length`
-        tokens), and that n; ([], 0) when nothing matches."""
-        seq = np.asarray(self.tokens, dtype=np.int64)
-        for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
-            for s in self._matches(seq, n):
-                follow = seq[s + n : s + n + length]
-                if follow.size:
-                    return follow.tolist(), n
-        return [], 0
-
     def draft(self, *, topk: int, depth: int, budget: int, order: Order) -> TokenTree:
         seq = np.asarray(self.tokens, dtype=np.int64)
         tokens, parents, scores = [int(seq[-1])], [-1], [0.0]
         child_of: dict[tuple[int, int], int] = {}
         for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
-            for rank, s in enumerate(self._matches(seq, n)[:topk]):
+            for rank, s in enumerate(_matches(seq, n)[:topk]):
                 parent = 0
                 for d, tok in enumerate(seq[s + n : s + n + depth]):
                     if len(tokens) > budget:
@@ -400,9 +401,8 @@ class LookupBranch:
     """
 
     def __init__(self, inner: Drafter, length: int = 10, max_ngram: int = 3) -> None:
-        self.inner, self.length = inner, length
+        self.inner, self.length, self.max_ngram = inner, length, max_ngram
         self.name = f"{inner.name}+lookup"
-        self.lookup = LookupDrafter(max_ngram)
         self.reset()
 
     @property
@@ -411,9 +411,8 @@ class LookupBranch:
 
     def reset(self) -> None:
         self.inner.reset()
-        self.lookup.reset()
-        self.hits = np.zeros(self.lookup.max_ngram + 1)
-        self.misses = np.zeros(self.lookup.max_ngram + 1)
+        self.hits = np.zeros(self.max_ngram + 1)
+        self.misses = np.zeros(self.max_ngram + 1)
         self._proposed: tuple[list[int], int] | None = None
 
     def extend(self, tokens: list[int], features: torch.Tensor | None) -> None:
@@ -424,14 +423,14 @@ class LookupBranch:
             self.misses[n] += matched is not None
             self._proposed = None
         self.inner.extend(tokens, features)
-        self.lookup.extend(tokens, features)
 
     def match_rate(self, n: int) -> float:
         return float(np.clip((self.hits[n] + 1) / (self.hits[n] + self.misses[n] + 2), 0.05, 0.95))
 
     def draft(self, *, topk: int, depth: int, budget: int, order: Order) -> TokenTree:
         tree = self.inner.draft(topk=topk, depth=depth, budget=budget, order=order)
-        branch, n = self.lookup.continuation(self.length if order == "score" else min(self.length, depth))
+        length = self.length if order == "score" else min(self.length, depth)
+        branch, n = lookup_continuation(self.inner.tokens, length, self.max_ngram)
         self._proposed = (branch, n) if branch else None
         if not branch:
             return tree

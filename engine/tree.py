@@ -117,7 +117,8 @@ def graft(tree: TokenTree, path: Sequence[int], path_scores: Sequence[float], bu
     A path node the tree already has keeps the larger of its two scores; the others are added.
     path_scores must not increase along the path, so no node ever outscores its parent.
     """
-    tokens, parents, scores = tree.tokens.tolist(), tree.parents.tolist(), tree.scores.tolist()
+    tokens, parents, scores, depth = (tree.tokens.tolist(), tree.parents.tolist(), tree.scores.tolist(),
+                                      tree.depth.tolist())
     child_of = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens))}
     node = 0
     for tok, score in zip(path, path_scores):
@@ -127,16 +128,14 @@ def graft(tree: TokenTree, path: Sequence[int], path_scores: Sequence[float], bu
             tokens.append(int(tok))
             parents.append(node)
             scores.append(float(score))
+            depth.append(depth[node] + 1)
         else:
             scores[hit] = max(scores[hit], float(score))
         node = hit
     tokens_a, parents_a, scores_a = np.asarray(tokens, dtype=np.int64), np.asarray(parents), np.asarray(scores)
     chosen = np.concatenate(([0], 1 + select_nodes(scores_a[1:], budget)))
     if order == "level":  # added nodes go after the tree's, so put the pool back in level order first
-        depth = np.zeros(len(tokens), dtype=np.int64)
-        for i in range(1, len(tokens)):
-            depth[i] = depth[parents_a[i]] + 1
-        perm = np.lexsort((np.arange(len(tokens)), depth))
+        perm = np.lexsort((np.arange(len(tokens)), np.asarray(depth)))
         rank = np.argsort(perm)
         tokens_a, scores_a, chosen = tokens_a[perm], scores_a[perm], rank[chosen]
         parents_a = np.concatenate(([-1], rank[parents_a[perm][1:]]))
